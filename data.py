@@ -123,7 +123,7 @@ def render(attrs, size=32, rng=None):
 # -----------------------------------------------------------------------------
 # the shapes world: captions
 
-# training grammar ("{a}" becomes "an" before a vowel)
+# training grammar ("a" becomes "an" before a vowel)
 TEMPLATES = (
     "a {size} {colour} {shape} {where}",          # a small red circle on the left
     "a {colour} {shape}, {size}, {where}",        # a red circle, small, on the left

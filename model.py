@@ -426,8 +426,8 @@ class TextEncoder(nn.Module):
         kw = {"dtype": dtype} if new_api else {"torch_dtype": dtype}
         model = model_cls.from_pretrained(folder, **kw)
         if recipe.round_weights_fp16:  # = loading the weights in fp16, then casting up
-            with torch.no_grad():
-                for p in [*model.parameters(), *model.buffers()]:
+            with torch.no_grad():  # parameters only: buffers such as rotary inv_freq are rebuilt in fp32 on load
+                for p in model.parameters():
                     if p.is_floating_point():
                         p.copy_(p.to(torch.float16))
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -462,7 +462,7 @@ class TextEncoder(nn.Module):
             h = self.model(input_ids=ids, **kw).last_hidden_state
         else:
             h = self.model(input_ids=ids, output_hidden_states=True, **kw).hidden_states[r.hidden]
-        return h.float(), (mask if r.mask_to_vision else None)
+        return (h if h.dtype == torch.float64 else h.float()), (mask if r.mask_to_vision else None)
 
     def encode(self, prompts):
         """Prompts -> (hidden (B, T, D), vision mask (B, T) or None)."""
@@ -486,6 +486,15 @@ SHAPES_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes",
 VISION_FILES = ["unet/*", "transformer/*", "vae/*", "vqvae/*", "scheduler/*", "model_index.json"]
 
 
+def is_shapes(vision):
+    """'shapes' (the shipped base model) or 'shapes:PATH' (another base model file of the shapes world)."""
+    return vision == "shapes" or vision.startswith("shapes:")
+
+
+def shapes_base_path(vision):
+    return SHAPES_BASE if vision == "shapes" else vision[len("shapes:"):]
+
+
 def hub_snapshot(repo, patterns):
     """Local folder of a hub repo restricted to `patterns`: the cache first, then a download.
     Any failure is one clear error that says what to fetch and where to put it."""
@@ -507,8 +516,8 @@ def hub_snapshot(repo, patterns):
 
 def load_vision(name, dtype=torch.float32, device="cpu"):
     """(denoiser, vae, scheduler config, kind) from a preset name, a pipeline folder or a single file."""
-    if name == "shapes":
-        return load_shapes_base(SHAPES_BASE, dtype, device)[:4]
+    if is_shapes(name):
+        return load_shapes_base(shapes_base_path(name), dtype, device)[:4]
     if name in VISION_PRESETS:
         path = hub_snapshot(VISION_PRESETS[name][0], VISION_FILES)
     elif os.path.exists(name):
@@ -539,11 +548,17 @@ class BridgeConfig:
     vision: str = "sd14"        # VISION_PRESETS key, pipeline folder or single file
     adapter: str = "text"       # text (LaVi-Bridge TextAdapter) | none (LM width must equal the vision width)
     adapter_mid: int = 0        # 0: (in + out) // 2 as in every release
+    adapter_dropout: float = 0.1
     lora_rank: int = 32         # 0: no LoRA at all
     lora_vision: bool = True    # LoRA in the vision model
     lora_lm: bool = True        # LoRA in the LM (forbids caching LM outputs)
     lora_dropout: float = 0.1
     max_length: int = 0         # 0: the recipe's token count
+
+
+def upcast(x):
+    """fp16/bf16 -> fp32 for losses and outputs; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class Bridge(nn.Module):
@@ -588,7 +603,8 @@ class Bridge(nn.Module):
         latents), ids/mask (B, T), t (B,): drawn by the caller so that the step stays graph-only."""
         ctx, vmask = self.encode_ids(ids, mask)
         pred = self.denoise(self.train_sched.add_noise(latents, noise, t), t, ctx, vmask)
-        return F.mse_loss(pred.float(), self.train_sched.target(latents, noise, t).float())
+        target = self.train_sched.target(latents, noise, t)
+        return F.mse_loss(upcast(pred), upcast(target))
 
     @torch.no_grad()
     def encode_images(self, images, generator=None):
@@ -605,7 +621,8 @@ class Bridge(nn.Module):
         B = len(prompts)
         dev = next(self.denoiser.parameters()).device
         dtype = next(self.denoiser.parameters()).dtype
-        f = self.vae.downscale
+        # pixels per latent: the shapes codec says so; an AutoencoderKL halves once per level but the last
+        f = getattr(self.vae, "downscale", None) or 2 ** (len(self.vae.cfg.block_out_channels) - 1)
         height = height or self.denoiser.cfg.sample_size * f
         width = width or self.denoiser.cfg.sample_size * f
         ctx, mask = self.encode_text(prompts)
@@ -629,18 +646,38 @@ class Bridge(nn.Module):
         return (img.permute(0, 2, 3, 1) * 255).to(torch.uint8).cpu()  # truncation, as the official code
 
 
+# model_type of an LM given as a folder or hub id -> the preset whose release recipe it follows, so that
+# e.g. `--lm /data/Llama-2-7b-hf` pads with '[PAD]', takes hidden_states[-1] and rounds weights to fp16
+RECIPE_FAMILIES = {"t5": "t5-large", "llama": "llama2"}
+
+
+def lm_recipe(lm, kind):
+    """The TextRecipe for --lm with a vision model of `kind`: a preset's own; for a folder or hub id, the
+    recipe of its family's preset (RECIPE_FAMILIES), else TextRecipe() (77 tokens, padded, no mask)."""
+    if lm not in LM_PRESETS:
+        path = os.path.join(resolve_pretrained(lm), "config.json")
+        family = None
+        if os.path.isfile(path):
+            with open(path) as f:
+                family = json.load(f).get("model_type")
+        if family not in RECIPE_FAMILIES:
+            return TextRecipe()
+        lm = RECIPE_FAMILIES[family]
+    return default_recipe(lm, kind)
+
+
 def build_bridge(cfg, dtype=torch.float32, device="cpu", lm_dtype=None):
     """Load the frozen LM and vision model, add the adapter and LoRA as cfg says."""
-    if cfg.vision == "shapes":  # the toy world: lm "words" is the base model's own encoder
-        denoiser, vae, sched, kind, words = load_shapes_base(SHAPES_BASE, dtype, device)
+    if is_shapes(cfg.vision):  # the toy world: lm "words" is the base model's own encoder
+        denoiser, vae, sched, kind, words = load_shapes_base(shapes_base_path(cfg.vision), dtype, device)
     else:
         denoiser, vae, sched, kind = load_vision(cfg.vision, dtype, device)
     if cfg.lm == "words":
-        if cfg.vision != "shapes":
+        if not is_shapes(cfg.vision):
             raise ValueError("--lm words is the shapes base model's own encoder: it needs --vision shapes")
         text = words
     else:
-        recipe = default_recipe(cfg.lm, kind) if cfg.lm in LM_PRESETS else TextRecipe()
+        recipe = lm_recipe(cfg.lm, kind)
         if cfg.max_length:
             recipe = replace(recipe, max_length=cfg.max_length)
         text = TextEncoder.load(cfg.lm, recipe=recipe, dtype=lm_dtype or dtype, device=device)
@@ -648,7 +685,7 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", lm_dtype=None):
         m.requires_grad_(False).eval()
     d_in, d_out = text.width, denoiser.cfg.cross_attention_dim if kind == "unet" else denoiser.cfg.caption_channels
     if cfg.adapter == "text":
-        adapter = TextAdapter(d_in, cfg.adapter_mid or (d_in + d_out) // 2, d_out).to(device, dtype)
+        adapter = TextAdapter(d_in, cfg.adapter_mid or (d_in + d_out) // 2, d_out, dropout=cfg.adapter_dropout).to(device, dtype)
     elif cfg.adapter == "none":
         if d_in != d_out:
             raise ValueError(f"--adapter none needs equal widths, but the LM gives {d_in} and the vision model takes {d_out}")
@@ -710,8 +747,9 @@ def load_release(bridge, folder):
                          f"{bridge.text.width} and the vision model takes "
                          f"{mine.out_dim if mine is not None else '(no adapter)'}: wrong --lm or --vision?")
     if adapter.mid_dim != mine.mid_dim:  # the release's own middle width wins
-        bridge.adapter = mine = TextAdapter(adapter.in_dim, adapter.mid_dim, adapter.out_dim).to(
-            next(mine.parameters()).device)
+        p = next(mine.parameters())
+        bridge.adapter = mine = TextAdapter(adapter.in_dim, adapter.mid_dim, adapter.out_dim,
+                                            dropout=bridge.cfg.adapter_dropout).to(p.device, p.dtype)
     load_strict(mine, adapter.state_dict(), "adapter")
     import_release_list(bridge.denoiser, load_release_file(os.path.join(folder, "lora_vis.pt")), bridge.lora_vis_paths)
     import_release_list(bridge.text.model, load_release_file(os.path.join(folder, "lora_text.pt")), bridge.lora_text_paths)
@@ -768,7 +806,7 @@ def load_bridge(path, dtype=torch.float32, device="cpu", use_ema=True, **overrid
     """A bridge from a train.py checkpoint file (its EMA weights when it has them and use_ema), or from
     a LaVi-Bridge release folder plus overrides (lm, vision)."""
     if os.path.isdir(path):
-        cfg = BridgeConfig(**overrides)
+        cfg = BridgeConfig(**{k: v for k, v in overrides.items() if v is not None})
         bridge = build_bridge(cfg, dtype, device)
         load_release(bridge, path)
     else:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import data
-from model import Bridge, BridgeConfig, load_bridge, load_shapes_base, read_checkpoint
+from model import Bridge, BridgeConfig, is_shapes, load_bridge, load_shapes_base, shapes_base_path
 
 SHAPES_PROMPTS = ["a small red circle on the left", "a large blue square at the top",
                   "a small green triangle on the right", "a large yellow circle in the center",
@@ -35,10 +35,10 @@ def save_grid(images, path, cols=None):
     Image.fromarray(grid).save(path)
 
 
-def base_bridge(device="cpu"):
+def base_bridge(vision="shapes", device="cpu"):
     """The shapes base model with its own word encoder, as a Bridge (no adapter, no LoRA)."""
-    unet, codec, sched, kind, words = load_shapes_base(device=device)
-    cfg = BridgeConfig(lm="words", vision="shapes", adapter="none", lora_rank=0)
+    unet, codec, sched, kind, words = load_shapes_base(shapes_base_path(vision), device=device)
+    cfg = BridgeConfig(lm="words", vision=vision, adapter="none", lora_rank=0)
     return Bridge(cfg, words, None, unet, codec, sched, kind).eval()
 
 
@@ -64,7 +64,7 @@ def format_eval(rows):
 
 def print_shapes_eval(bridge, n=48, before=None, device="cpu"):
     """The table of issue-5: base model with its own encoder, the bridge before and after training."""
-    rows = {"base model + own encoder": shapes_eval(base_bridge(device), n=n)}
+    rows = {"base model + own encoder": shapes_eval(base_bridge(bridge.cfg.vision, device), n=n)}
     if before is not None:
         rows["bridge before training"] = before
     rows["bridge after training"] = shapes_eval(bridge, n=n)
@@ -79,6 +79,8 @@ def get_parser():
                    help="a train.py checkpoint (.safetensors) or a LaVi-Bridge release folder (adapter/, lora_vis.pt, lora_text.pt)")
     p.add_argument("--lm", default=None, help="language model (a release folder needs it; overrides a checkpoint's)")
     p.add_argument("--vision", default=None, help="vision model (a release folder needs it; overrides a checkpoint's)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="LoRA rank of a release folder (default 32, the release's); a checkpoint knows its own")
     # what to draw
     p.add_argument("--prompt", action="append", help="a prompt (repeatable; default: the shapes demo prompts)")
     p.add_argument("--negative-prompt", default="", help="negative prompt, encoded with the same recipe")
@@ -108,8 +110,9 @@ def main(args):
     if not os.path.exists(args.bridge):
         hint = " (train one first: python train.py)" if args.bridge.startswith("out/shapes") else ""
         raise SystemExit(f"no bridge at {args.bridge}{hint}")
-    bridge = load_bridge(args.bridge, dtype=dtype, device=device, lm=args.lm, vision=args.vision)
-    shapes = bridge.cfg.vision == "shapes"
+    bridge = load_bridge(args.bridge, dtype=dtype, device=device, lm=args.lm, vision=args.vision,
+                         lora_rank=args.lora_rank)
+    shapes = is_shapes(bridge.cfg.vision)
     steps = args.steps or (20 if shapes else 50)
     guidance = args.guidance if args.guidance is not None else (3.0 if shapes else 7.5)
     prompts = [p for p in (args.prompt or (SHAPES_PROMPTS if shapes else ["a photograph of an astronaut riding a horse"]))

@@ -14,6 +14,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 import data
 from model import (Bridge, BridgeConfig, PixelCodec, SHAPES_SCHEDULER, UNet, WordEncoder, WordEncoderConfig,
-                   build_bridge, load_trainable, read_checkpoint, save_checkpoint, save_shapes_base,
+                   build_bridge, is_shapes, load_trainable, read_checkpoint, save_checkpoint, save_shapes_base,
                    shapes_unet_config, trainable_state_dict)
 from lora import lora_parameters
 
@@ -31,7 +32,7 @@ from lora import lora_parameters
 # presets: the release's recipes and the shapes world. Explicit flags override a preset.
 
 DEFAULTS = dict(
-    method="lavi", lm="t5-large", vision="sd14", adapter="text", adapter_mid=0, lora_rank=32, lora_lm=True,
+    method="lavi", lm="t5-large", vision="sd14", adapter="text", adapter_mid=0, adapter_dropout=0.1, lora_rank=32, lora_lm=True,
     lora_vision=True, lora_dropout=0.1, max_length=0,
     data="shapes", size=512, flip=True, latent_cache="", num_workers=2,
     steps=1000, batch_size=1, grad_accum=1, lr_vision=1e-4, lr_lm=5e-6, lr_adapter=1e-4, weight_decay=1e-2,
@@ -46,7 +47,7 @@ PRESETS = {
     "llama2-sd14": dict(lm="llama2", vision="sd14"),
     "t5-pixart": dict(lm="t5-large", vision="pixart-512", lr_vision=2e-5, lr_adapter=2e-5),
     # the shapes world (data.py): MiniLM bridged into the shipped base model, on a CPU
-    "shapes": dict(lm="minilm", vision="shapes", data="shapes", size=32, steps=500, batch_size=32,
+    "shapes": dict(lm="minilm", vision="shapes", data="shapes", size=32, steps=500, batch_size=32, max_length=16,
                    lora_rank=8, lora_dropout=0.0, lr_vision=5e-4, lr_lm=5e-5, lr_adapter=1e-3, warmup=50,
                    caption_dropout=0.1, out="out/shapes", save_every=100, log_every=10, eval=True,
                    sample_prompts="a small red circle on the left|a large blue square at the top"),
@@ -84,6 +85,7 @@ def get_parser():
     p.add_argument("--vision", help="vision model: sd14, sd15, ldm, pixart-512, pixart-1024, shapes, or a local path")
     p.add_argument("--adapter", choices=["text", "none"], help="TextAdapter, or none when the widths already match")
     p.add_argument("--adapter-mid", type=int, help="adapter middle width (0: (in + out) / 2)")
+    p.add_argument("--adapter-dropout", type=float, help="dropout inside the adapter (release: 0.1)")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (0: no LoRA)")
     p.add_argument("--lora-lm", type=b, help="LoRA in the language model (true/false)")
     p.add_argument("--lora-vision", type=b, help="LoRA in the vision model (true/false)")
@@ -108,7 +110,8 @@ def get_parser():
     p.add_argument("--caption-dropout", type=float, help="probability of an empty caption (for CFG)")
     p.add_argument("--ema", type=float, help="EMA decay of the trainable weights (0: off)")
     # system
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="AMP compute dtype (bf16/fp16: CUDA only)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "fp64"],
+                   help="AMP compute dtype (bf16/fp16: CUDA only); fp64 for exact numerical checks")
     p.add_argument("--compile", type=b, help="torch.compile the bridge")
     p.add_argument("--grad-checkpointing", type=b, help="recompute vision activations in backward")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -134,15 +137,18 @@ def lr_at(step, base_lr, warmup):
     return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
 
 
-def step_generator(seed, step, device="cpu"):
-    """The RNG of one optimiser step: the same on every rank, so a resumed or sharded run draws what
-    a straight single-process run draws."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+def sample_draws(seed, g, caption_dropout, num_train_timesteps=1000):
+    """(drop caption?, timestep, normal(shape) drawer) of global sample g: keyed by (seed, g) alone, so
+    a run draws the same whatever its world size, batch split or resume point."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + g)
+    drop = bool(torch.rand((), generator=gen) < caption_dropout)
+    t = int(torch.randint(0, num_train_timesteps, (), generator=gen))
+    return drop, t, lambda shape: torch.randn(shape, generator=gen)
 
 
 def build_base(args, device):
     """A fresh shapes base model: U-Net + word encoder, all trainable, in a Bridge."""
-    cfg = BridgeConfig(lm="words", vision="shapes", adapter="none", lora_rank=0)
+    cfg = BridgeConfig(lm="words", vision=args.vision, adapter="none", lora_rank=0)
     unet = UNet(shapes_unet_config()).to(device)
     words = WordEncoder(WordEncoderConfig(vocab_size=len(data.WORDS) + 2)).to(device)
     return Bridge(cfg, words, None, unet, PixelCodec(), dict(SHAPES_SCHEDULER), "unet")
@@ -160,25 +166,151 @@ def param_groups(bridge, args):
     return [dict(params=ps, lr=lr, base_lr=lr, name=n) for n, ps, lr in groups if ps]
 
 
-class Batches:
-    """Global batches by step index: the same for any world size, resumable at any step.
-    Each rank takes its slice of the global batch; images come as tensors (B, 3, H, W) in [-1, 1]."""
+class IndexedImages(torch.utils.data.Dataset):
+    """Global sample index g -> (image (3, H, W), caption, g) or None when the image does not decode.
+    g walks epochs of a seeded permutation (epoch g // N); the flip is seeded by g. The data a step sees
+    therefore depends only on (seed, step), whatever the world size, the workers, or a resume."""
 
-    def __init__(self, args, rank, world):
+    def __init__(self, ds, seed):
+        self.ds, self.seed, self._perm = ds, seed, (None, None)
+
+    def __len__(self):
+        return 1 << 62
+
+    def position(self, g):
+        """(item index, flip) of global sample g."""
+        epoch, pos = divmod(g, len(self.ds.items))
+        if self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.ds.items)))
+        flip = bool(self.ds.flip and np.random.default_rng([self.seed, g, 1]).random() < 0.5)
+        return int(self._perm[1][pos]), flip
+
+    def __getitem__(self, g):
+        i, flip = self.position(g)
+        out = self.ds.load(i, flip)
+        return None if out is None else (out[0], out[1], g)
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """This rank's global sample indices, one list per micro-batch, from `start` micro-batch on."""
+
+    def __init__(self, start, batch_size, rank, world):
+        self.start, self.bs, self.rank, self.world = start, batch_size, rank, world
+
+    def __iter__(self):
+        m = self.start
+        while True:
+            lo = (m * self.world + self.rank) * self.bs
+            yield list(range(lo, lo + self.bs))
+            m += 1
+
+
+def collate(items):
+    """Drop unreadable images (counted by the caller), stack the rest."""
+    ok = [x for x in items if x is not None]
+    if not ok:
+        return None, [], [], len(items)
+    return torch.stack([x[0] for x in ok]), [x[1] for x in ok], [x[2] for x in ok], len(items) - len(ok)
+
+
+@torch.no_grad()
+def build_latent_cache(bridge, ds, folder, batch_size=8, dtype=torch.float16):
+    """Encode every item of ds once, both flips, into folder/latents.safetensors: mean and std of the
+    VAE posterior (N, 2, C, h, w) (the release samples from it, so the cache keeps the distribution)
+    and a valid flag (N,) (0 = the image did not decode: counted, skipped in training)."""
+    from safetensors.torch import save_file
+    dev = next(bridge.vae.parameters(), torch.zeros(())).device
+    n, means, stds, valid = len(ds.items), [], [], torch.zeros(len(ds.items), dtype=torch.uint8)
+    for lo in tqdm(range(0, n, batch_size), desc="latent cache"):
+        idx = range(lo, min(n, lo + batch_size))
+        loaded = [(ds.load(i, False), ds.load(i, True)) for i in idx]
+        for j, (a, b) in zip(idx, loaded):
+            valid[j] = a is not None and b is not None
+        imgs = [torch.stack([a[0], b[0]]) if a is not None and b is not None else torch.zeros(2, 3, ds.size, ds.size)
+                for a, b in loaded]
+        x = torch.cat(imgs).to(dev, next(bridge.vae.parameters()).dtype)  # (2 * b, 3, H, W)
+        mean, logvar = bridge.vae.encode(x)
+        means.append(mean.view(-1, 2, *mean.shape[1:]).to("cpu", dtype))
+        stds.append(torch.exp(0.5 * logvar).view(-1, 2, *mean.shape[1:]).to("cpu", dtype))
+    os.makedirs(folder, exist_ok=True)
+    meta = {"source": json.dumps(ds.source), "size": str(ds.size), "items": str(n),
+            "captions": json.dumps([it[3] for it in ds.items])}
+    tmp = os.path.join(folder, f"latents.safetensors.tmp{os.getpid()}")
+    save_file({"mean": torch.cat(means), "std": torch.cat(stds), "valid": valid}, tmp, metadata=meta)
+    os.replace(tmp, os.path.join(folder, "latents.safetensors"))
+    return int(n - valid.sum())
+
+
+def load_latent_cache(folder, ds):
+    """(mean, std, valid) of a cache made by build_latent_cache for this very dataset, else a clear error."""
+    from safetensors import safe_open
+    path = os.path.join(folder, "latents.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        if json.loads(meta["source"]) != ds.source or int(meta["size"]) != ds.size or int(meta["items"]) != len(ds.items):
+            raise ValueError(f"{path} was made for {meta['source']} at {meta['size']} px ({meta['items']} items), "
+                             f"not for {ds.source!r} at {ds.size} px ({len(ds.items)} items): delete it or pass another --latent-cache")
+        return f.get_tensor("mean"), f.get_tensor("std"), f.get_tensor("valid")
+
+
+class Data:
+    """This rank's micro-batches by step: (images or None, posterior (mean, std) or None, captions, g).
+    The shapes world is drawn procedurally from (seed, step); real data comes through a DataLoader (or the
+    latent cache) indexed by global sample index. Unreadable images are counted and skipped."""
+
+    def __init__(self, args, bridge, rank, world, start_step, master):
         self.args, self.rank, self.world = args, rank, world
-        self.global_batch = args.batch_size * world
-        if args.data != "shapes":
-            self.ds = data.ImageTextDataset(args.data, size=args.size, flip=args.flip)
+        self.skipped = 0
+        if args.data == "shapes":
+            return
+        self.ds = data.ImageTextDataset(args.data.split(",") if "," in args.data else args.data,
+                                        size=args.size, flip=args.flip)
+        self.indexed = IndexedImages(self.ds, args.seed)
+        self.cache = None
+        if args.latent_cache:
+            if not os.path.isfile(os.path.join(args.latent_cache, "latents.safetensors")):
+                if master:
+                    bad = build_latent_cache(bridge, self.ds, args.latent_cache)
+                    print(f"latent cache written to {args.latent_cache} ({bad} unreadable images)")
+                if world > 1:
+                    dist.barrier()
+            self.cache = load_latent_cache(args.latent_cache, self.ds)
+            return
+        sampler = StepSampler(start_step * args.grad_accum, args.batch_size, rank, world)
+        self.loader = iter(torch.utils.data.DataLoader(
+            self.indexed, batch_sampler=sampler, collate_fn=collate, num_workers=args.num_workers,
+            persistent_workers=args.num_workers > 0, prefetch_factor=4 if args.num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(args.seed)))  # not the global RNG: dropout's
 
-    def get(self, step, micro):
-        a, n, lo = self.args, self.global_batch, self.rank * self.args.batch_size
-        idx = (step * a.grad_accum + micro) * n
-        if a.data == "shapes":
-            rng = np.random.default_rng([a.seed, idx])
-            images, captions, _ = data.sample_batch(rng, n, a.size)
-            return images[lo:lo + a.batch_size], captions[lo:lo + a.batch_size]
-        items = [self.ds.item(idx + lo + i, seed=a.seed) for i in range(a.batch_size)]
-        return torch.stack([x for x, _ in items]), [c for _, c in items]
+    def next(self, step, micro):
+        a = self.args
+        m = step * a.grad_accum + micro
+        lo = (m * self.world + self.rank) * a.batch_size
+        if a.data == "shapes":  # the global batch of this micro-step, this rank's slice
+            rng = np.random.default_rng([a.seed, m])
+            images, captions, _ = data.sample_batch(rng, a.batch_size * self.world, a.size)
+            s = slice(self.rank * a.batch_size, (self.rank + 1) * a.batch_size)
+            return images[s], None, captions[s], list(range(lo, lo + a.batch_size))
+        if self.cache is not None:
+            mean, std, valid = self.cache
+            pos = [self.indexed.position(g) + (g,) for g in range(lo, lo + a.batch_size)]
+            keep = [(i, f, g) for i, f, g in pos if valid[i]]
+            self.skipped += len(pos) - len(keep)
+            if not keep:
+                raise RuntimeError(f"every image of rank {self.rank}'s batch at step {step} is unreadable")
+            i, f = torch.tensor([k[0] for k in keep]), torch.tensor([int(k[1]) for k in keep])
+            post = (mean[i, f].float(), std[i, f].float())  # (b, C, h, w)
+            return None, post, [self.ds.items[k[0]][3] for k in keep], [k[2] for k in keep]
+        images, captions, gs, bad = next(self.loader)
+        self.skipped += bad
+        if images is None:
+            raise RuntimeError(f"every image of rank {self.rank}'s batch at step {step} is unreadable")
+        return images, None, captions, gs
+
+    def report(self):
+        if self.args.data == "shapes":
+            return ""
+        return f"{self.ds.report()}; skipped in training: {self.skipped} unreadable"
 
 
 # -----------------------------------------------------------------------------
@@ -197,18 +329,20 @@ def main(args):
         rank, world = 0, 1
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     master = rank == 0
-    if args.dtype != "fp32" and device.type != "cuda":
+    if args.dtype in ("bf16", "fp16") and device.type != "cuda":
         raise SystemExit(f"--dtype {args.dtype} is AMP for CUDA; on {device.type} use --dtype fp32")
-    ptdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    autocast = nullcontext() if args.dtype == "fp32" else torch.autocast(device.type, dtype=ptdtype)
+    ptdtype = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    amp = args.dtype in ("bf16", "fp16")
+    autocast = torch.autocast(device.type, dtype=ptdtype) if amp else nullcontext()
+    wdtype = torch.float64 if args.dtype == "fp64" else torch.float32  # trainable weights, latents, loss
     torch.manual_seed(args.seed)
 
     # model: frozen parts in the compute dtype, trainable parts in fp32
     if args.method == "base":
-        bridge = build_base(args, device)
+        bridge = build_base(args, device).to(wdtype)
     else:
         cfg = BridgeConfig(**{f.name: getattr(args, f.name) for f in fields(BridgeConfig)})
-        bridge = build_bridge(cfg, device=device)
+        bridge = build_bridge(cfg, device=device, dtype=wdtype)
         for p in bridge.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(ptdtype)
@@ -278,32 +412,38 @@ def main(args):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    shapes_eval = master and args.eval and args.vision == "shapes"
+    shapes_eval = master and args.eval and is_shapes(args.vision)
     before = None
     if shapes_eval and args.method == "lavi" and start == 0:
         import sample
         before = sample.shapes_eval(raw, n=args.eval_n)  # the bridge as initialised, for the table
-    batches = Batches(args, rank, world)
+    batches = Data(args, raw, rank, world, start, master)
+    raw.train()  # dropout on, as the release trains (LoRA dropout, the LM's own dropout)
     losses = []  # device tensors since the last check: no host sync inside the step
     pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not master, desc="train")
-    t0, seen = time.time(), 0
-    step = start
+    t0, seen, history = time.time(), 0, []  # history: (step, mean loss since the last log line)
     for step in pbar:
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, g["base_lr"], args.warmup)
-        gen = step_generator(args.seed, step)
+        torch.manual_seed(args.seed + 7919 * (step * world + rank))  # dropout masks: a function of the step, so resumes are exact
         for micro in range(args.grad_accum):
-            images, captions = batches.get(step, micro)
-            # one draw for the whole global batch, each rank keeps its slice
-            n, lo = batches.global_batch, rank * args.batch_size
-            drop = (torch.rand(n, generator=gen) < args.caption_dropout)[lo:lo + args.batch_size]
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            images, post, captions, gs = batches.next(step, micro)
+            # every random draw is keyed by the global sample index: any world size, any resume, same draws
+            draws = [sample_draws(args.seed, g, args.caption_dropout, raw.train_sched.num_train_timesteps) for g in gs]
+            captions = ["" if d[0] else c for c, d in zip(captions, draws)]
             ids, mask = raw.text.tokenize(captions)
             ids, mask = ids.to(device), mask.to(device)
-            with torch.no_grad(), autocast:
-                latents = raw.encode_images(images.to(device, ptdtype), generator=None).float()
-            t = torch.randint(0, 1000, (n,), generator=gen)[lo:lo + args.batch_size].to(device)
-            noise = torch.randn((n,) + latents.shape[1:], generator=gen)[lo:lo + args.batch_size].to(device)
+            t = torch.tensor([d[1] for d in draws], device=device)
+            with torch.no_grad():
+                if post is None:
+                    with autocast:
+                        mean, logvar = raw.vae.encode(images.to(device, ptdtype if amp else wdtype))
+                    post = (mean, torch.exp(0.5 * logvar))
+                shape = post[0].shape[1:]
+                eps = torch.stack([d[2](shape) for d in draws]).to(device, wdtype)     # posterior sample
+                noise = torch.stack([d[2](shape) for d in draws]).to(device, wdtype)   # diffusion noise
+                mean, std = post[0].to(device, wdtype), post[1].to(device, wdtype)
+                latents = (mean + std * eps) * raw.vae.cfg.scaling_factor
             sync = nullcontext() if not ddp or micro == args.grad_accum - 1 else model.no_sync()
             with sync, autocast:
                 loss = model(latents, ids, mask, t, noise) / args.grad_accum
@@ -330,6 +470,7 @@ def main(args):
             if ddp:
                 dist.all_reduce(lmean, op=dist.ReduceOp.AVG)
             losses = []
+            history.append((done, lmean.item()))
             pbar.set_postfix(loss=f"{lmean.item():.4f}", img_s=f"{seen / (time.time() - t0):.1f}",
                              lr=f"{optimizer.param_groups[0]['lr']:.1e}")
         if done % args.save_every == 0 or done == args.steps or stop["signal"]:
@@ -341,6 +482,8 @@ def main(args):
                 print(f"signal {stop['signal']}: checkpoint written at step {done}, exiting")
             break
     pbar.close()
+    if master and args.data != "shapes":
+        print(batches.report())
     if shapes_eval and not stop["signal"]:
         import sample
         raw.eval()
@@ -348,9 +491,15 @@ def main(args):
             print(sample.format_eval({"base model + own encoder": with_ema(lambda: sample.shapes_eval(raw, n=args.eval_n))}))
         else:
             with_ema(lambda: sample.print_shapes_eval(raw, n=args.eval_n, before=before, device=device))
-    if ddp:
+    if ddp:  # DDP keeps replicas equal; say so, or say how far they drifted
+        flat = torch.cat([v.flatten().float() for v in live])
+        hi, lo = flat.clone(), flat.clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        if master:
+            print(f"ranks agree: max |difference| of trainable weights across {world} ranks = {(hi - lo).abs().max().item():.3g}")
         dist.destroy_process_group()
-    return raw
+    return SimpleNamespace(bridge=raw, history=history)
 
 
 def write_samples(bridge, args, step):

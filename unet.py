@@ -3,10 +3,14 @@ The SD1.x / LDM conditional U-Net and the AutoencoderKL (VAE), from scratch, plu
 I/O that every model file of this repo shares (read a weight file, verify a state dict strictly).
 """
 import json
+import math
 import os
+import re
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # checkpoint I/O shared by unet.py, dit.py, adapter.py, lora.py
@@ -95,12 +99,6 @@ def load_strict(module, sd, what="model"):
 
 # -----------------------------------------------------------------------------
 # building blocks (module names follow diffusers' state-dict keys, so its layout maps 1:1)
-
-import math
-import re
-from dataclasses import asdict, dataclass, fields, replace
-
-import torch.nn.functional as F
 
 
 class ResnetBlock2D(nn.Module):
@@ -447,12 +445,14 @@ class UNetConfig:
         bad = [t for t in self.down_block_types if t not in UNET_DOWN_TYPES]
         bad += [t for t in self.up_block_types if t not in UNET_UP_TYPES]
         if bad:
-            raise ValueError(f"UNetConfig: unsupported block types {bad} (supported: {UNET_DOWN_TYPES + UNET_UP_TYPES})")
+            raise ValueError(f"UNetConfig: unsupported block types {bad} "
+                             f"(supported: {UNET_DOWN_TYPES + UNET_UP_TYPES})")
         heads = _per_block(self.attention_head_dim, n, "attention_head_dim")
         _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
         for c, h in zip(self.block_out_channels, heads):
             if c % h or c % self.norm_num_groups:
-                raise ValueError(f"UNetConfig: {c} channels do not divide into {h} heads / {self.norm_num_groups} groups")
+                raise ValueError(f"UNetConfig: {c} channels do not divide into {h} heads / "
+                                 f"{self.norm_num_groups} groups")
 
     @classmethod
     def from_diffusers(cls, d):
@@ -466,7 +466,7 @@ class UNetConfig:
 UNET_PRESETS = {
     "sd14": UNetConfig(),
     "ldm": UNetConfig(cross_attention_dim=1280, sample_size=32),  # CompVis/ldm-text2im-large-256
-    # ~3M params; no attention at the top level (32x32 for pixel space: in/out_channels=3 via dataclasses.replace)
+    # 4.1M params; no attention at the top level (a 32x32 pixel model: in/out_channels=3 via dataclasses.replace)
     "tiny": UNetConfig(sample_size=32, block_out_channels=(32, 64, 128), layers_per_block=1,
                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -515,7 +515,8 @@ class UNet(nn.Module):
 
     def forward(self, x, t, context, context_mask=None):
         """x (B, C, h, w) noisy latents; t (B,) or a scalar (int, float, 0-d tensor); context (B, T, D);
-        context_mask (B, T) bool or 0/1, 1 = attend (diffusers' encoder_attention_mask). Returns eps (B, C_out, h, w)."""
+        context_mask (B, T) bool or 0/1, 1 = attend (diffusers' encoder_attention_mask).
+        Returns eps (B, C_out, h, w)."""
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0 or t.numel() == 1:
@@ -850,8 +851,7 @@ def infer_unet_config(sd):
     Linear proj_in (SD2.x layout) means heads of 64 channels, as SD2's configs."""
     n = _count(sd, r"down_blocks\.(\d+)\.")
     ch = tuple(sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(n))
-    k = next(v for key, v in sd.items() if key.endswith("attn2.to_k.weight"))
-    cross = k.shape[1]
+    cross = next(v.shape[1] for key, v in sd.items() if key.endswith("attn2.to_k.weight"))
     linear = sd["mid_block.attentions.0.proj_in.weight"].dim() == 2
     depth = [_count(sd, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.") or 1 for i in range(n)]
     depth[-1] = _count(sd, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\.")  # diffusers: mid uses the last
@@ -879,6 +879,15 @@ def infer_vae_config(sd):
         latent_channels=sd["post_quant_conv.weight"].shape[0])
 
 
+def _infer(fn, sd, path):
+    """fn(sd), with a clear error when a tensor it reads is absent (an incomplete checkpoint)."""
+    try:
+        return fn(sd)
+    except (KeyError, StopIteration) as e:
+        raise ValueError(f"{path}: cannot infer the config, the checkpoint lacks {e or 'attn2.to_k weights'} "
+                         "(incomplete file?)") from None
+
+
 def _unet_checkpoint(path):
     """-> (UNetConfig, diffusers-layout state dict) for UNet.from_pretrained."""
     cfg, sd, is_folder = _open_checkpoint(path, ("unet",), ("UNet2DConditionModel",), "U-Net")
@@ -889,11 +898,11 @@ def _unet_checkpoint(path):
     if "input_blocks.0.0.weight" in sd:  # original layout
         L = _count(sd, r"output_blocks\.(\d+)\.") // (_count(sd, r"input_blocks\.(\d+)\.0\.op\.") + 1) - 1
         sd = apply_key_map(sd, lambda k, v: unet_key_from_original(k, v, L))
-        return infer_unet_config(sd), sd
+        return _infer(infer_unet_config, sd, path), sd
     if "conv_in.weight" in sd and "time_embedding.linear_1.weight" in sd:  # diffusers layout, bare file
         if cfg is not None and cfg.get("_class_name") == "UNet2DConditionModel":
             return UNetConfig.from_diffusers(cfg), sd
-        return infer_unet_config(sd), sd
+        return _infer(infer_unet_config, sd, path), sd
     raise ValueError(f"{path} is not an SD/LDM U-Net checkpoint: no '{UNET_PREFIX}*', 'input_blocks.*' or "
                      f"diffusers 'conv_in.*'/'time_embedding.*' keys (it has e.g. {', '.join(list(sd)[:5])})")
 
@@ -909,11 +918,11 @@ def _vae_checkpoint(path):
         sd = {k: v for k, v in sd.items() if not k.startswith(SINGLE_FILE_OTHER_PREFIXES)}  # bare VAE file: loss.*
         n = _count(sd, r"encoder\.down\.(\d+)\.")
         sd = apply_key_map(sd, lambda k, v: vae_key_from_original(k, v, n))
-        return infer_vae_config(sd), sd
+        return _infer(infer_vae_config, sd, path), sd
     if "encoder.conv_in.weight" in sd and "post_quant_conv.weight" in sd:  # diffusers layout, bare file
         sd = apply_key_map(sd, vae_key_from_old_diffusers)
         if cfg is not None and cfg.get("_class_name") == "AutoencoderKL":
             return VAEConfig.from_diffusers(cfg), sd
-        return infer_vae_config(sd), sd
+        return _infer(infer_vae_config, sd, path), sd
     raise ValueError(f"{path} is not an SD/LDM VAE (AutoencoderKL) checkpoint: no '{VAE_PREFIX}*', "
                      f"'encoder.down.*' or diffusers 'encoder.conv_in.*' keys (it has e.g. {', '.join(list(sd)[:5])})")

@@ -1,0 +1,414 @@
+"""
+Speed of this repo's models against the reference implementations (diffusers, peft), measured in one run on
+this machine: same weights (the reference's state dict loaded into ours, whose module names are diffusers'
+keys), same inputs, ours and the reference timed alternately, median of the repeats. Prints a markdown table.
+
+python bench.py --quick                      # 32x32 latents only, fewer repeats (~6 min on 1 busy CPU core)
+python bench.py --threads 2 --out bench.md   # every row (~10-15 min on 2 CPU cores)
+python bench.py --rows unet,merge            # some rows: unet, sample, lora, merge, shapes
+
+On a CUDA machine every row runs a second time in bf16 autocast. bench.py and the tests are the only files that
+import diffusers and peft (the reference implementations).
+"""
+import argparse
+import copy
+import datetime
+import io
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext, redirect_stderr, redirect_stdout
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+from adapter import TextAdapter
+from lora import LORA_TARGETS, inject, lora_parameters, merge_lora
+from model import DDPM, SD_SCHEDULER, Bridge, BridgeConfig, PixelCodec, WordEncoder, WordEncoderConfig
+from unet import UNET_PRESETS, UNet, load_strict
+
+ROWS = ("unet", "sample", "lora", "merge", "shapes")
+PROMPT, NEGATIVE = "a small red circle on the left", "a"  # not "": WordEncoder gives NaN for an all-pad caption
+T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8)  # t5-small sizes
+RANK = 32
+LONG = 10.0  # seconds: a call at least this long is its own warm-up (its first run counts as a repeat)
+
+# -----------------------------------------------------------------------------
+# timing
+
+
+def make_env(kind):
+    """Where a row runs: CPU in fp32, or CUDA in bf16 autocast (never bf16/fp16 on a CPU: emulated, ~350x slower)."""
+    if kind == "cuda":
+        return SimpleNamespace(device=torch.device("cuda"), name="cuda bf16", sync=torch.cuda.synchronize,
+                               amp=lambda: torch.autocast("cuda", torch.bfloat16))
+    return SimpleNamespace(device=torch.device("cpu"), name="cpu fp32", sync=lambda: None, amp=nullcontext)
+
+
+def timed(env, fn):
+    """(seconds, output) of one call of fn."""
+    env.sync()
+    t0 = time.perf_counter()
+    with env.amp():
+        out = fn()
+    env.sync()
+    return time.perf_counter() - t0, out
+
+
+def compare(env, ours, ref, n, budget=8.0):
+    """(median s of ours, median s of ref, their last outputs, rounds). One warm-up call each (counted as the first
+    round when it took >= LONG s), then rounds that alternate which side goes first; cheap calls get more rounds,
+    up to `budget` seconds a side (at most 50)."""
+    ta, out_a = timed(env, ours)
+    tb, out_b = timed(env, ref)
+    rounds = max(n, min(50, int(budget / max(ta, tb, 1e-6))))
+    times = ([ta], [tb]) if max(ta, tb) >= LONG else ([], [])
+    for i in range(len(times[0]), rounds):
+        order = [(0, ours), (1, ref)] if i % 2 == 0 else [(1, ref), (0, ours)]
+        for side, fn in order:
+            t, out = timed(env, fn)
+            times[side].append(t)
+            out_a, out_b = (out, out_b) if side == 0 else (out_a, out)
+    return statistics.median(times[0]), statistics.median(times[1]), out_a, out_b, rounds
+
+
+def matmul_rate(env):
+    """FLOP/s of one (N, N) @ (N, N) matmul in the env's dtype (N = 2048 on a CPU, 8192 in bf16 on a GPU)."""
+    n, dtype = (2048, torch.float32) if env.device.type == "cpu" else (8192, torch.bfloat16)
+    a, b = (torch.randn(n, n, device=env.device, dtype=dtype) for _ in range(2))
+    t = compare(env, lambda: a @ b, lambda: a @ b, 5, budget=2.0)[0]
+    return 2 * n ** 3 / t
+
+
+def unet_flops(cfg, batch, side, tokens=77):
+    """FLOPs of one forward of our U-Net, counted on the meta device (where attention runs as bmm and is counted)."""
+    with torch.device("meta"):
+        m = UNet(cfg)
+        x, ctx = torch.empty(batch, cfg.in_channels, side, side), torch.empty(batch, tokens, cfg.cross_attention_dim)
+        t = torch.zeros(batch, dtype=torch.long)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m(x, t, ctx)
+    return fc.get_total_flops()
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def fmt_s(t):
+    return f"{t * 1e3:.0f} ms" if t < 1 else f"{t:.2f} s"
+
+
+# -----------------------------------------------------------------------------
+# models: the reference with random weights, ours holding the very same tensors
+
+_PAIRS = {}
+
+
+def unet_pair(name, env):
+    """(diffusers UNet2DConditionModel of preset `name`, random weights seeded 0; our UNet sharing its tensors)."""
+    key = (name, env.device.type)
+    if key not in _PAIRS:
+        from diffusers import UNet2DConditionModel
+        torch.manual_seed(0)
+        ref = UNet2DConditionModel(**asdict(UNET_PRESETS[name])).to(env.device).eval()  # our config = its kwargs
+        with torch.device("meta"):
+            ours = UNet(UNET_PRESETS[name])
+        load_strict(ours, ref.state_dict(), f"U-Net {name}")  # built on meta: assign=True, no copy
+        _PAIRS[key] = ref, ours.eval()
+    return _PAIRS[key]
+
+
+def words_bridge(unet, env):
+    """A Bridge around `unet` with the shapes world's word encoder (+ a TextAdapter up to the U-Net's context width)
+    and the pixel codec: Bridge.sample's whole loop, with text encoding and decoding that cost next to nothing."""
+    torch.manual_seed(0)
+    words = WordEncoder(WordEncoderConfig(vocab_size=data.VOCAB_SIZE))
+    d = unet.cfg.cross_attention_dim
+    adapter = None if d == words.width else TextAdapter(words.width, (words.width + d) // 2, d)
+    cfg = BridgeConfig(lm="words", vision="bench", adapter="text" if adapter else "none", lora_rank=0)
+    return Bridge(cfg, words, adapter, unet, PixelCodec(), dict(SD_SCHEDULER), "unet").to(env.device).eval()
+
+
+def sample_ours(bridge):
+    """Bridge.sample: DDIM 10 steps, CFG 7.5, batch 1, 32x32 latents (64x64 'pixels' through the pixel codec)."""
+    return bridge.sample([PROMPT], NEGATIVE, steps=10, guidance=7.5, height=64, width=64, seed=0, progress=False)
+
+
+# -----------------------------------------------------------------------------
+# the rows: each appends (case, ours s, reference s or None, rounds, notes) to `table`
+
+
+def row_unet(env, args, table):
+    """U-Net forward, sd14 size with random weights: batch 1 and 2, 32x32 (and 64x64) latents, GFLOP/s."""
+    ref, ours = unet_pair("sd14", env)
+    for side in (32,) if args.quick else (32, 64):
+        for batch in (1, 2):
+            g = torch.Generator().manual_seed(batch * side)
+            x = torch.randn(batch, 4, side, side, generator=g).to(env.device)
+            ctx = torch.randn(batch, 77, 768, generator=g).to(env.device)
+            t = torch.full((batch,), 500, device=env.device)
+            with torch.inference_mode():
+                ta, tb, oa, ob, n = compare(env, lambda: ours(x, t, ctx), lambda: ref(x, t, ctx).sample, args.repeats)
+            flops, peak = unet_flops(ours.cfg, batch, side), env.matmul
+            table.append((f"U-Net forward sd14, batch {batch}, {side}x{side}", ta, tb, n,
+                          f"{flops / 1e9:.0f} GFLOP: ours {flops / ta / 1e9:.1f} GFLOP/s ({flops / ta / peak:.0%} of "
+                          f"matmul), ref {flops / tb / 1e9:.1f} ({flops / tb / peak:.0%}); max rel diff "
+                          f"{rel_err(oa, ob):.1e}"))
+
+
+def row_sample(env, args, table):
+    """Sampling, DDIM 10 steps + CFG, batch 1: Bridge.sample vs a diffusers-pipeline loop (UNet + DDIMScheduler)."""
+    from diffusers import DDIMScheduler
+    for name in ("tiny", "sd14"):
+        ref, ours = unet_pair(name, env)
+        bridge = words_bridge(ours, env)
+        with torch.no_grad():  # the reference gets the same context, computed once outside the timing
+            (nctx, nmask), (ctx, mask) = bridge.encode_text([NEGATIVE]), bridge.encode_text([PROMPT])
+        ctx2, mask2 = torch.cat([nctx, ctx]), torch.cat([nmask, mask])
+        sched = DDIMScheduler.from_config(SD_SCHEDULER)  # what the SD pipeline loads (its PRK keys are ignored)
+
+        @torch.no_grad()
+        def sample_ref():
+            sched.set_timesteps(10)
+            x = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(0)).to(env.device)
+            for t in sched.timesteps:
+                out = ref(torch.cat([x, x]), t, ctx2, encoder_attention_mask=mask2).sample
+                uncond, cond = out.chunk(2)
+                x = sched.step(uncond + 7.5 * (cond - uncond), t, x).prev_sample
+            img = (F.pixel_shuffle(x, 2) / 2 + 0.5).clamp(0, 1)  # the pixel codec's decode, as Bridge.sample
+            return (img.permute(0, 2, 3, 1) * 255).to(torch.uint8).cpu()
+
+        ta, tb, oa, ob, n = compare(env, lambda: sample_ours(bridge), sample_ref, 1 if name == "sd14" else args.repeats)
+        diff = (oa.int() - ob.int()).abs().max().item()
+        table.append((f"sampling {name} U-Net, DDIM 10 steps + CFG, batch 1, 32x32", ta, tb, n,
+                      f"Bridge.sample vs diffusers UNet + DDIMScheduler loop; max |diff| {diff} of 255"))
+
+
+def reference_adapter(d_in, d_mid, d_out):
+    """LaVi-Bridge's TextAdapter as the release builds it, from diffusers' GEGLU FeedForward."""
+    from diffusers.models.attention import FeedForward
+    return nn.Sequential(nn.LayerNorm(d_in), FeedForward(d_in, d_mid, dropout=0.1), nn.LayerNorm(d_mid),
+                         FeedForward(d_mid, d_out, dropout=0.1))
+
+
+def lora_step(side, env):
+    """A closure that runs one LoRA training step (AdamW) of T5-small-size LM -> adapter -> sd14 U-Net at 32x32,
+    rank 32, batch 1: side "ours" (lora.inject, TextAdapter) or "ref" (diffusers + peft on the same modules)."""
+    from transformers import T5Config, T5EncoderModel
+    ref_unet, our_unet = unet_pair("sd14", env)  # ours first: its tensors are taken before peft renames ref's
+    torch.manual_seed(1)
+    t5 = T5EncoderModel(T5Config(**T5_SMALL)).to(env.device).requires_grad_(False).train()
+    if side == "ours":
+        unet = our_unet.requires_grad_(False).train()
+        inject(unet, LORA_TARGETS["unet"], RANK, dropout=0.1)
+        inject(t5, LORA_TARGETS["t5"], RANK, dropout=0.1)
+        adapter = TextAdapter(512, 640, 768).to(env.device).train()
+        params = lora_parameters(unet) + lora_parameters(t5) + list(adapter.parameters())
+    else:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        def config(model, key):  # exactly the modules our injection wraps (the names are equal)
+            names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+                     and any(re.search(p, n) for p in LORA_TARGETS[key])]
+            return LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.1, target_modules=names)
+        unet = ref_unet.requires_grad_(False).train()
+        unet.add_adapter(config(unet, "unet"))
+        inject_adapter_in_model(config(t5, "t5"), t5)
+        adapter = reference_adapter(512, 640, 768).to(env.device).train()
+        params = [p for m in (unet, t5, adapter) for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, T5_SMALL["vocab_size"], (1, 77), generator=g).to(env.device)
+    latents, noise = (torch.randn(1, 4, 32, 32, generator=g).to(env.device) for _ in range(2))
+    t = torch.tensor([500], device=env.device)
+    noisy = DDPM(SD_SCHEDULER).add_noise(latents, noise, t)
+
+    def step():
+        pred = unet(noisy, t, adapter(t5(input_ids=ids).last_hidden_state))
+        loss = F.mse_loss((pred if side == "ours" else pred.sample).float(), noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step, sum(p.numel() for p in params)
+
+
+def lora_memory(side, env):
+    """Child process: peak memory of two training steps above the built model (RSS on a CPU, allocator on CUDA)."""
+    step, _ = lora_step(side, env)
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/clear_refs", "w") as f:  # resets the peak RSS (ru_maxrss) to the current RSS
+            f.write("5")
+    for _ in range(2):
+        with env.amp():
+            step()
+    peak = torch.cuda.max_memory_allocated() if env.device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("MEM " + json.dumps({"base": base, "delta": peak - base}))
+
+
+def row_lora(env, args, table):
+    """LoRA training step: ours vs diffusers + peft, timed alternately here; peak memory in a subprocess per side."""
+    _PAIRS.clear()
+    mem = {}
+    for side in ("ours", "ref"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--lora-mem", side, "--threads", str(args.threads),
+               "--device", env.device.type]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("MEM ")]
+        if not line:
+            raise RuntimeError(f"memory subprocess for {side} failed:\n{out.stderr[-3000:]}")
+        mem[side] = json.loads(line[-1][4:])
+    ours, n_ours = lora_step("ours", env)  # shared base weights: ours takes them before peft wraps the reference
+    ref, n_ref = lora_step("ref", env)
+    ta, tb, _, _, n = compare(env, ours, ref, args.repeats)
+    _PAIRS.clear()
+    mb = {s: m["delta"] / 2 ** 20 for s, m in mem.items()}
+    table.append(("LoRA training step: T5-small-size LM + adapter + sd14 U-Net, 32x32, rank 32, batch 1", ta, tb, n,
+                  f"trainable {n_ours / 1e6:.1f}M / {n_ref / 1e6:.1f}M params; peak memory above the model "
+                  f"{mb['ours']:.0f} MB vs {mb['ref']:.0f} MB (ours/ref {mb['ours'] / mb['ref']:.2f}); "
+                  f"model {mem['ours']['base'] / 2 ** 30:.1f} / {mem['ref']['base'] / 2 ** 30:.1f} GB"))
+
+
+def row_merge(env, args, table):
+    """Sampling (ours, tiny U-Net, DDIM 10 steps + CFG) with a rank-32 LoRA merged, and unmerged, vs no LoRA."""
+    torch.manual_seed(0)
+    plain = UNet(UNET_PRESETS["tiny"]).to(env.device).eval()
+    lora = {}
+    for merged in (True, False):
+        m = copy.deepcopy(plain)
+        inject(m, LORA_TARGETS["unet"], RANK)
+        for p in lora_parameters(m):
+            nn.init.normal_(p, std=0.02)  # a trained-looking LoRA (up is zero at init)
+        if merged:
+            merge_lora(m)
+        lora[merged] = words_bridge(m, env)
+    base = words_bridge(plain, env)
+    for merged, what in ((True, "merged"), (False, "unmerged")):
+        ta, tb, _, _, n = compare(env, lambda: sample_ours(lora[merged]), lambda: sample_ours(base), args.repeats)
+        table.append((f"sampling tiny U-Net with LoRA {what} vs none (ours both)", ta, tb, n,
+                      "target <= 1.02x" if merged else "LoRA branches computed at every step"))
+
+
+def row_shapes(env, args, table):
+    """train.py's default run (shapes preset): images/s over 10 steps, from a 2- and a 12-step run (setup cancels)."""
+    import model
+    import train
+    bs = train.PRESETS["shapes"]["batch_size"]
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train.main installs its own
+    with tempfile.TemporaryDirectory() as tmp:
+        vision = "shapes"
+        if not os.path.isfile(model.SHAPES_BASE):  # not trained yet: a random base model file
+            path = os.path.join(tmp, "base.safetensors")
+            torch.manual_seed(0)
+            model.save_shapes_base(path, UNet(model.shapes_unet_config()),
+                                   WordEncoder(WordEncoderConfig(vocab_size=data.VOCAB_SIZE)), 0)
+            vision = f"shapes:{path}"
+        secs = {}
+        for steps in (2, 12):
+            a = train.get_parser().parse_args([
+                "--preset", "shapes", "--vision", vision, "--steps", str(steps), "--out", os.path.join(tmp, str(steps)),
+                "--eval", "false", "--log-every", "1000", "--save-every", "100000", "--device", env.device.type,
+                "--dtype", "fp32" if env.device.type == "cpu" else "bf16"])
+            t0 = time.perf_counter()
+            with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+                train.main(a)
+            secs[steps] = time.perf_counter() - t0
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    per_step = (secs[12] - secs[2]) / 10
+    table.append((f"train.py --preset shapes, batch {bs}: one step", per_step, None, 1,
+                  f"**{bs / per_step:.1f} images/s** (vision {'shipped base' if vision == 'shapes' else 'random base'};"
+                  f" 12-step run {secs[12]:.1f} s incl. setup)"))
+
+
+# -----------------------------------------------------------------------------
+
+
+def machine():
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu} ({os.cpu_count()} cores){gpu}, {platform.system()} {platform.release()}"
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the memory subprocesses
+    if args.lora_mem:
+        return lora_memory(args.lora_mem, make_env(args.device))
+    rows = args.rows.split(",")
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise SystemExit(f"unknown rows {bad}; choose from {','.join(ROWS)}")
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    import diffusers
+    import peft
+    import transformers
+    load0 = os.getloadavg()
+    lines = [f"# bench.py: ours vs diffusers / peft, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}", "",
+             f"- command: `python bench.py {' '.join(sys.argv[1:])}`",
+             f"- machine: {machine()}",
+             f"- torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, "
+             f"transformers {transformers.__version__}; torch threads {torch.get_num_threads()}"]
+    envs = [make_env("cpu")] + ([make_env("cuda")] if torch.cuda.is_available() else [])
+    table = []
+    for env in envs:
+        env.matmul = matmul_rate(env)
+        lines.append(f"- {env.name} matmul rate ({'2048' if env.device.type == 'cpu' else '8192'}^2): "
+                     f"{env.matmul / 1e9:.1f} GFLOP/s")
+        for r in rows:
+            t0 = time.time()
+            rows_before = len(table)
+            globals()[f"row_{r}"](env, args, table)
+            table[rows_before:] = [(env.name,) + row for row in table[rows_before:]]
+            print(f"[{env.name}] {r}: {time.time() - t0:.0f} s", file=sys.stderr)
+        _PAIRS.clear()
+    if len(envs) == 1:
+        lines.append("- GPU rows skipped: no CUDA device on this machine")
+    lines.append(f"- load average (1 min) at start {load0[0]:.1f}, at end {os.getloadavg()[0]:.1f} "
+                 f"(other processes share the cores: ratios are fairer than absolute times)")
+    lines += ["", "| device | case | ours | reference | ours/ref | rounds | notes |", "|---|---|---|---|---|---|---|"]
+    for dev, case, ta, tb, n, notes in table:
+        ratio = f"**{ta / tb:.2f}**" if tb else "-"
+        lines.append(f"| {dev} | {case} | {fmt_s(ta)} | {fmt_s(tb) if tb else '-'} | {ratio} | {n} | {notes} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to run, of {','.join(ROWS)}")
+    p.add_argument("--quick", action="store_true", help="skip the 64x64 U-Net rows, 2 repeats instead of 3")
+    p.add_argument("--repeats", type=int, default=0, help="timed rounds of an expensive case (0: 3, --quick 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the cores are shared: default 1)")
+    p.add_argument("--out", default="", help="also write the markdown table to this file")
+    p.add_argument("--lora-mem", choices=["ours", "ref"], help=argparse.SUPPRESS)  # the memory subprocess
+    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    return p
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())
