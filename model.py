@@ -823,7 +823,7 @@ def load_bridge(path, dtype=torch.float32, device="cpu", use_ema=True, **overrid
 
 SHAPES_SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                         timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
-                        clip_sample=True, prediction_type="epsilon")
+                        clip_sample=True, prediction_type="v_prediction")
 
 
 class PixelCodec(nn.Module):
@@ -874,7 +874,14 @@ class WordEncoder(nn.Module):
     def forward(self, ids, mask):
         """ids, mask (B, T) -> hidden (B, T, width), mask (B, T) for the vision model."""
         x = self.tok(ids) + self.pos.weight[: ids.shape[1]]  # (B, T, C)
-        x = self.norm(self.blocks(x, src_key_padding_mask=mask == 0))
+        # PyTorch's inference fast path turns a fully padded row (the empty caption of CFG) into NaN;
+        # the regular path, which training takes, keeps it finite: use that one always
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            x = self.norm(self.blocks(x, src_key_padding_mask=mask == 0))
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
         return x, mask
 
 
@@ -891,7 +898,8 @@ def save_shapes_base(path, unet, words, step):
     from safetensors.torch import save_file
     sd = {f"unet.{k}": v.detach().float().contiguous() for k, v in unet.state_dict().items()}
     sd.update({f"text.{k}": v.detach().float().contiguous() for k, v in words.state_dict().items()})
-    meta = {"unet": json.dumps(asdict(unet.cfg)), "text": json.dumps(asdict(words.cfg)), "step": str(step)}
+    meta = {"unet": json.dumps(asdict(unet.cfg)), "text": json.dumps(asdict(words.cfg)), "step": str(step),
+            "scheduler": json.dumps(SHAPES_SCHEDULER)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(sd, path + ".tmp", metadata=meta)
     os.replace(path + ".tmp", path)
@@ -911,4 +919,5 @@ def load_shapes_base(path=SHAPES_BASE, dtype=torch.float32, device="cpu"):
     words = WordEncoder(WordEncoderConfig(**json.loads(meta["text"])))
     load_strict(unet, {k[5:]: v for k, v in sd.items() if k.startswith("unet.")}, "shapes U-Net")
     load_strict(words, {k[5:]: v for k, v in sd.items() if k.startswith("text.")}, "shapes word encoder")
-    return unet.to(device, dtype), PixelCodec(), dict(SHAPES_SCHEDULER), "unet", words.to(device, dtype)
+    sched = json.loads(meta["scheduler"]) if "scheduler" in meta else dict(SHAPES_SCHEDULER)
+    return unet.to(device, dtype), PixelCodec(), sched, "unet", words.to(device, dtype)
