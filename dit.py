@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from unet import find_weight_file, load_strict, load_weights, read_config
+from unet import checkpointed, find_weight_file, load_strict, load_weights, read_config
 
 # -----------------------------------------------------------------------------
 # config
@@ -291,6 +291,7 @@ class DiTBlock(nn.Module):
         self.ff = FeedForward(d)
         self.scale_shift_table = nn.Parameter(torch.randn(6, d) / d ** 0.5)
 
+    @checkpointed
     def forward(self, x, context, t6, bias=None):
         """x (B, N, D); context (B, T, D); t6 (B, 6D) from adaLN-single; bias (B, 1, 1, T) or None."""
         B = x.shape[0]

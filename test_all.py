@@ -2728,3 +2728,51 @@ def test_presets_and_flags():
     assert train.lr_at(0, 1.0, 4) == 0.25 and train.lr_at(10, 1.0, 4) == 1.0
     with pytest.raises(SystemExit):
         p.parse_args(["--preset", "nope"])
+
+
+# ==================================================================================================
+# the shapes world end to end: the default commands, shortened (needs the shipped shapes/base.safetensors)
+
+def test_shapes_default_pipeline_end_to_end(tmp_path):
+    """`python train.py` (MiniLM + LoRA + TextAdapter into the shipped base model) for 20 steps, then
+    `python sample.py --eval`: the checkpoint, the PNG grid and both evaluation tables."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "train.py", "--steps", "20", "--eval-n", "6", "--save-every", "10",
+                        "--out", str(tmp_path)], cwd=here, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [l for l in r.stdout.splitlines() if l.startswith("| ")]
+    for who in ("base model + own encoder", "bridge before training", "bridge after training"):
+        for s in ("seen", "unseen", "paraphrase"):
+            line = [l for l in rows if l.startswith(f"| {who} | {s} |")]
+            assert len(line) == 1, r.stdout[-3000:]
+            accs = [float(c.strip().rstrip("%")) for c in line[0].strip("|").split("|")[2:]]
+            assert len(accs) == 5 and all(0 <= a <= 100 for a in accs)
+    weights, opt, cfg, step, targs = model.read_checkpoint(str(tmp_path / "ckpt.safetensors"))
+    assert step == 20 and cfg.lm == "minilm" and cfg.vision == "shapes" and opt is not None
+    assert any(k.startswith("lora_text.") for k in weights) and any(k.startswith("lora_vis.") for k in weights)
+    assert any(k.startswith("adapter.") for k in weights)
+    r = subprocess.run([sys.executable, "sample.py", "--bridge", str(tmp_path / "ckpt.safetensors"), "--eval",
+                        "--eval-n", "6"], cwd=here, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (3 * 32, 3 * 32)  # the 8 demo prompts on a 3 x 3 grid
+    assert np.asarray(grid).std() > 0
+    assert "| bridge after training | paraphrase |" in r.stdout
+
+
+def test_gradient_checkpointing_same_gradients():
+    """set_grad_checkpointing recomputes resnet / transformer / DiT blocks in backward: same loss and
+    gradients as keeping the activations (U-Net and DiT, tiny configs)."""
+    torch.manual_seed(0)
+    for net, args in ((unet.UNet(unet.UNET_PRESETS["tiny"]), (torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 7, 64))),
+                      (dit.DiT(dit.DIT_PRESETS["tiny"]), (torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 7, 32)))):
+        grads = []
+        for on in (False, True):
+            unet.set_grad_checkpointing(net, on)
+            net.zero_grad()
+            loss = net(*args).square().mean()
+            loss.backward()
+            grads.append([p.grad.clone() for p in net.parameters()])
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
+        assert any(g.abs().max() > 0 for g in grads[1])

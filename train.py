@@ -27,6 +27,7 @@ from model import (Bridge, BridgeConfig, PixelCodec, SHAPES_SCHEDULER, UNet, Wor
                    build_bridge, is_shapes, load_trainable, read_checkpoint, save_checkpoint, save_shapes_base,
                    shapes_unet_config, trainable_state_dict)
 from lora import lora_parameters
+from unet import set_grad_checkpointing
 
 # -----------------------------------------------------------------------------
 # presets: the release's recipes and the shapes world. Explicit flags override a preset.
@@ -346,8 +347,8 @@ def main(args):
         for p in bridge.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(ptdtype)
-    if args.grad_checkpointing:
-        bridge.denoiser.gradient_checkpointing = True
+    if args.grad_checkpointing:  # recompute the vision model's blocks in backward instead of keeping activations
+        set_grad_checkpointing(bridge.denoiser)
     groups = param_groups(bridge, args)
     trainable = [p for g in groups for p in g["params"]]
     if master:

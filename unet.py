@@ -2,6 +2,7 @@
 The SD1.x / LDM conditional U-Net and the AutoencoderKL (VAE), from scratch, plus the checkpoint
 I/O that every model file of this repo shares (read a weight file, verify a state dict strictly).
 """
+import functools
 import json
 import math
 import os
@@ -11,6 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # checkpoint I/O shared by unet.py, dit.py, adapter.py, lora.py
@@ -101,6 +103,24 @@ def load_strict(module, sd, what="model"):
 # building blocks (module names follow diffusers' state-dict keys, so its layout maps 1:1)
 
 
+def checkpointed(forward):
+    """Gradient checkpointing for a module's forward: recomputed in backward when self.grad_ckpt is set
+    (set_grad_checkpointing), so its activations are not kept. Pure forwards only."""
+    @functools.wraps(forward)
+    def wrapper(self, *args):
+        if getattr(self, "grad_ckpt", False) and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, self, *args, use_reentrant=False)
+        return forward(self, *args)
+    return wrapper
+
+
+def set_grad_checkpointing(model, on=True):
+    """Turn gradient checkpointing of every @checkpointed block of a model on or off."""
+    for m in model.modules():
+        m.grad_ckpt = on
+    return model
+
+
 class ResnetBlock2D(nn.Module):
     """Residual block of SD/LDM (diffusers ResnetBlock2D): GN-SiLU-conv, + time, GN-SiLU-dropout-conv, + shortcut."""
 
@@ -115,6 +135,7 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
+    @checkpointed
     def forward(self, x, temb=None):
         """x (B, C_in, H, W), temb (B, temb_ch) or None -> (B, C_out, H, W)"""
         h = self.conv1(F.silu(self.norm1(x)))
@@ -244,6 +265,7 @@ class SpatialTransformer(nn.Module):
             [BasicTransformerBlock(ch, heads, context_dim, dropout, upcast) for _ in range(depth)])
         self.proj_out = nn.Linear(ch, ch) if linear else nn.Conv2d(ch, ch, 1)
 
+    @checkpointed
     def forward(self, x, context, bias=None):
         """x (B, C, H, W), context (B, T, D), bias (B, 1, 1, T) or None -> (B, C, H, W)"""
         B, C, H, W = x.shape
