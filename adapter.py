@@ -178,17 +178,24 @@ class GlueTranslator(nn.Module):
 
 class GlueNet(nn.Module):
     """GlueGen GlueNet: encoder maps source-LM features into the target text space, decoder maps back
-    for the reconstruction loss (salesforce/GlueGen, Translator_noln x2)."""
+    for the reconstruction loss, a token discriminator for the adversarial loss (salesforce/GlueGen,
+    Translator_noln x2 + Discriminator). GlueGen's fixed normalisations live in two buffers, so that a
+    checkpoint carries them: the encoder sees src_scale * x (GlueGen: XLM-R / 3) and is trained onto
+    target / tgt_scale per token (GlueGen: CLIP / (mean norm of that token position / 2)); forward()
+    maps raw LM features to raw target features."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.encoder = GlueTranslator(cfg.num_tokens, cfg.in_dim, cfg.out_dim, cfg.mult, cfg.depth)
         self.decoder = GlueTranslator(cfg.num_tokens, cfg.out_dim, cfg.in_dim, cfg.mult, cfg.depth)
+        self.disc = TokenDiscriminator(cfg.out_dim)  # training only, kept so that a run resumes whole
+        self.register_buffer("src_scale", torch.ones(()))  # set by the trainer (GlueGen: 1 / 3)
+        self.register_buffer("tgt_scale", torch.ones(cfg.num_tokens))  # (T,), set by the trainer from data
 
     def forward(self, x):
-        """x: (B, num_tokens, in_dim) -> (B, num_tokens, out_dim)."""
-        return self.encoder(x)
+        """x: (B, num_tokens, in_dim) raw source features -> (B, num_tokens, out_dim) raw target features."""
+        return self.encoder(x * self.src_scale) * self.tgt_scale[:, None]
 
     def reconstruct(self, y):
         """y: (B, num_tokens, out_dim) -> (B, num_tokens, in_dim)."""
@@ -199,8 +206,10 @@ class GlueNet(nn.Module):
         """Load a released GlueGen checkpoint (gluenet_<Language>_clip_overnorm_over3_noln.ckpt). GlueGen
         saved only the encoder, torch.save(Translator_noln(77, 1024, 768, 2, 5).state_dict()), whose keys
         equal our encoder's (blocks.N.net_tok|net_sen.K.*, tail.net_tok|net_sen.K.*), so the map is the
-        identity, checked strictly. Sizes are read from the file. The decoder is not released: it keeps
-        its random init. (The sound GlueNet, Translator_w_head, is a different architecture.)"""
+        identity, checked strictly. Sizes are read from the file. The decoder and the discriminator are
+        not released: they keep their random init. Nor are the scales (GlueGen's scripts apply XLM-R / 3
+        and CLIP's per-position norm / 2): src_scale and tgt_scale stay 1 until set.
+        (The sound GlueNet, Translator_w_head, is a different architecture.)"""
         sd = load_weights(path)
         need = ("blocks.0.net_tok.0.weight", "blocks.0.net_sen.0.weight", "tail.net_sen.4.weight")
         if any(k not in sd for k in need):
@@ -265,21 +274,46 @@ def gluegen_token_weights(target):
     return w[None, :, None].to(target.dtype)  # (1, T, 1)
 
 
-def gluenet_losses(gluenet, disc, x, target, token_weight=None, lam=0.1):
+def gluenet_losses(gluenet, disc, x, target, token_weight=None, lam=0.1, terms=("align", "rec", "adv")):
     """GlueGen's three losses, unweighted (combine with GLUEGEN_LOSS_WEIGHTS):
     align = mean(token_weight * (enc(x) - target)^2), rec = MSE(dec(enc(x)), x),
     adv = NLL(disc(target), 0) + NLL(disc(enc(x)), 1), the encoder seeing the reversed gradient (times lam).
     x: (B, T, in_dim) source-LM features as GlueGen scales them (XLM-R / 3);
     target: (B, T, out_dim) target features (CLIP / (per-token norm / 2)); token_weight: (1, T, 1) or
-    None for gluegen_token_weights(target)."""
+    None for gluegen_token_weights(target). A loss not named in terms is not computed (None)."""
+    unknown = set(terms) - {"align", "rec", "adv"}
+    if unknown:
+        raise ValueError(f"unknown GlueNet loss terms {sorted(unknown)} (align, rec, adv)")
     y = gluenet.encoder(x)  # (B, T, out_dim)
-    x_rec = gluenet.decoder(y)  # (B, T, in_dim)
-    if token_weight is None:
-        token_weight = gluegen_token_weights(target)
-    align = (F.mse_loss(y, target, reduction="none") * token_weight).mean()
-    rec = F.mse_loss(x_rec, x)
-    logp_target = disc(target.detach(), lam)  # (B*T, 2)
-    logp_ours = disc(y, lam)  # (B*T, 2)
-    zeros = torch.zeros(logp_target.shape[0], dtype=torch.long, device=x.device)
-    adv = F.nll_loss(logp_target, zeros) + F.nll_loss(logp_ours, zeros + 1)
+    align = rec = adv = None
+    if "align" in terms:
+        if token_weight is None:
+            token_weight = gluegen_token_weights(target)
+        align = (F.mse_loss(y, target, reduction="none") * token_weight).mean()
+    if "rec" in terms:
+        rec = F.mse_loss(gluenet.decoder(y), x)  # decoder: (B, T, out_dim) -> (B, T, in_dim)
+    if "adv" in terms:
+        logp_target = disc(target.detach(), lam)  # (B*T, 2)
+        logp_ours = disc(y, lam)  # (B*T, 2)
+        zeros = torch.zeros(logp_target.shape[0], dtype=torch.long, device=x.device)
+        adv = F.nll_loss(logp_target, zeros) + F.nll_loss(logp_ours, zeros + 1)
     return align, rec, adv
+
+
+def alignment_loss(pred, target, mask=None, kind="cosine", norm_weight=2e-5):
+    """OmniDiffusion stage 1: per token 1 - cos(pred, target) + norm_weight * (|pred| - |target|)^2
+    (kind "cosine"), or the squared error averaged over channels (kind "mse"); the mean over the tokens
+    where mask is 1. pred, target (B, T, C); mask (B, T) or None (every token)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"alignment_loss: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    if kind == "cosine":
+        per_token = (1 - F.cosine_similarity(pred, target, dim=-1, eps=1e-8)
+                     + norm_weight * (pred.norm(dim=-1) - target.norm(dim=-1)) ** 2)  # (B, T)
+    elif kind == "mse":
+        per_token = ((pred - target) ** 2).mean(-1)  # (B, T)
+    else:
+        raise ValueError(f"unknown alignment loss {kind!r} (cosine or mse)")
+    if mask is None:
+        return per_token.mean()
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1)

@@ -154,6 +154,27 @@ PARA_WHERE = {"left": ("on the left side", "toward the left edge"),
               "center": ("in the middle", "in the centre of the picture")}
 
 
+# a second language (Spanish), template by template a translation of TEMPLATES, so that
+# parallel_captions() pairs each caption with its English original. Every shape is masculine in
+# Spanish (el circulo, el cuadrado, el triangulo): the adjectives need no agreement.
+SPANISH_TEMPLATES = (
+    "un {shape} {colour} {size} {where}",          # a small red circle on the left
+    "un {shape} {colour}, {size}, {where}",        # a red circle, small, on the left
+    "{shape} {colour} {size} en {place}",          # small red circle at the left
+    "{where}, un {shape} {colour} {size}",         # on the left, a small red circle
+    "el {shape} es {colour} y {size}, {where}",    # the circle is red and small, on the left
+)
+SPANISH_COLOURS = {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo", "purple": "morado",
+                   "orange": "naranja"}
+SPANISH_SHAPES = {"circle": "círculo", "square": "cuadrado", "triangle": "triángulo"}
+SPANISH_SIZES = {"small": "pequeño", "large": "grande"}
+SPANISH_WHERE = {"left": "a la izquierda", "right": "a la derecha", "top": "arriba", "bottom": "abajo",
+                 "center": "en el centro"}
+SPANISH_PLACE = {"left": "la izquierda", "right": "la derecha", "top": "la parte de arriba",
+                 "bottom": "la parte de abajo", "center": "el centro"}
+LANGUAGES = ("spanish",)  # foreign grammars: captions_of(a, "spanish"), parallel_captions(split, "spanish")
+
+
 def _fill(template, a, colour, shape, size, where):
     s = template.format(colour=colour, shape=shape, size=size, where=where, position=a.position)
     return re.sub(r"\ba (?=[aeiou])", "an ", s)
@@ -167,7 +188,10 @@ def captions_of(attrs, grammar="train"):
     if grammar == "paraphrase":
         return [_fill(t, a, c, s, z, w) for t, c, s, z, w in itertools.product(
             PARA_TEMPLATES, PARA_COLOURS[a.colour], PARA_SHAPES[a.shape], PARA_SIZES[a.size], PARA_WHERE[a.position])]
-    raise ValueError(f"unknown grammar {grammar!r} (train or paraphrase)")
+    if grammar == "spanish":
+        return [t.format(colour=SPANISH_COLOURS[a.colour], shape=SPANISH_SHAPES[a.shape], size=SPANISH_SIZES[a.size],
+                         where=SPANISH_WHERE[a.position], place=SPANISH_PLACE[a.position]) for t in SPANISH_TEMPLATES]
+    raise ValueError(f"unknown grammar {grammar!r} (train, paraphrase or one of {', '.join(LANGUAGES)})")
 
 
 def caption(attrs, rng, grammar="train"):
@@ -180,6 +204,16 @@ def all_captions(split="train"):
     """Every distinct caption a split can produce (sorted): a frozen LM's outputs can be cached on them."""
     grammar = "paraphrase" if split == "paraphrase" else "train"
     return sorted({c for a in all_attrs(split) for c in captions_of(a, grammar)})
+
+
+def parallel_captions(split="train", language="spanish"):
+    """[(foreign caption, English caption)] for every attribute tuple of a split and every training
+    template, in a fixed order: the i-th template of the language translates the i-th English one."""
+    if language not in LANGUAGES:
+        raise ValueError(f"unknown language {language!r} (choose from {', '.join(LANGUAGES)})")
+    if split == "paraphrase":
+        raise ValueError("the paraphrase grammar has no translation: use train, seen or unseen")
+    return [pair for a in all_attrs(split) for pair in zip(captions_of(a, language), captions_of(a, "train"))]
 
 
 def words_of(text):
@@ -276,20 +310,28 @@ class ShapesDataset(torch.utils.data.IterableDataset):
             yield to_tensor(img), cap
 
 
+EVAL_SETS = ("seen", "unseen", "paraphrase") + LANGUAGES  # "spanish": the seen combinations, captioned in Spanish
+
+
 def eval_set(name, n=None, seed=0):
-    """A fixed list of (caption, Attrs) for name in seen / unseen / paraphrase.
-    n=None: every attribute tuple of the split exactly once (140 / 40 / 140), captions drawn from seed;
+    """A fixed list of (caption, Attrs) for name in seen / unseen / paraphrase / spanish.
+    n=None: every attribute tuple of the split exactly once (140 / 40 / 140 / 140), captions drawn from seed;
     else the first n of a seeded shuffle (cycled when n exceeds the count)."""
-    if name not in ("seen", "unseen", "paraphrase"):
-        raise ValueError(f"unknown eval set {name!r} (seen, unseen or paraphrase)")
-    rng = np.random.default_rng([seed, SPLITS.index(name)])
-    pool = all_attrs(name)
+    if name not in EVAL_SETS:
+        raise ValueError(f"unknown eval set {name!r} (choose from {', '.join(EVAL_SETS)})")
+    if name in LANGUAGES:  # the training combinations, in another language
+        rng = np.random.default_rng([seed, len(SPLITS) + LANGUAGES.index(name)])
+        pool = all_attrs("seen")
+        grammar = name
+    else:
+        rng = np.random.default_rng([seed, SPLITS.index(name)])
+        pool = all_attrs(name)
+        grammar = "paraphrase" if name == "paraphrase" else "train"
     if n is None:
         picked = pool
     else:
         order = np.concatenate([rng.permutation(len(pool)) for _ in range(-(-n // len(pool)))])[:n]
         picked = [pool[i] for i in order]
-    grammar = "paraphrase" if name == "paraphrase" else "train"
     return [(caption(a, rng, grammar), a) for a in picked]
 
 

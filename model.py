@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from adapter import TextAdapter
+from adapter import GlueNet, GlueNetConfig, TextAdapter
 from data import tokenize_words
 from dit import DiT
 from lora import LORA_TARGETS, import_release_list, inject, load_lora, load_release_file, lora_state_dict, merge_lora
@@ -403,8 +403,9 @@ class TextEncoder(nn.Module):
             raise ValueError(f"the tokenizer of {model.config.model_type} has no pad token: set TextRecipe.pad_token")
 
     @classmethod
-    def load(cls, name_or_path, recipe=None, dtype=torch.float32, device="cpu"):
-        """name_or_path: an LM_PRESETS key, a hub id (from the local cache) or a local folder."""
+    def load(cls, name_or_path, recipe=None, dtype=torch.float32, device="cpu", tokenizer_path=None):
+        """name_or_path: an LM_PRESETS key, a hub id (from the local cache) or a local folder.
+        tokenizer_path: the tokenizer's own folder when it is not beside the model (a pipeline's tokenizer/)."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         import transformers
         source, preset = LM_PRESETS.get(name_or_path, (name_or_path, TextRecipe()))
@@ -430,7 +431,7 @@ class TextEncoder(nn.Module):
                 for p in model.parameters():
                     if p.is_floating_point():
                         p.copy_(p.to(torch.float16))
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or folder)
         return cls(tokenizer, model.to(device).eval(), recipe)
 
     @property
@@ -546,7 +547,7 @@ def load_vision(name, dtype=torch.float32, device="cpu"):
 class BridgeConfig:
     lm: str = "t5-large"        # LM_PRESETS key, hub id or local transformers folder
     vision: str = "sd14"        # VISION_PRESETS key, pipeline folder or single file
-    adapter: str = "text"       # text (LaVi-Bridge TextAdapter) | none (LM width must equal the vision width)
+    adapter: str = "text"       # text (LaVi-Bridge TextAdapter) | gluenet (GlueGen) | none (equal widths)
     adapter_mid: int = 0        # 0: (in + out) // 2 as in every release
     adapter_dropout: float = 0.1
     lora_rank: int = 32         # 0: no LoRA at all
@@ -554,6 +555,8 @@ class BridgeConfig:
     lora_lm: bool = True        # LoRA in the LM (forbids caching LM outputs)
     lora_dropout: float = 0.1
     max_length: int = 0         # 0: the recipe's token count
+    glue_depth: int = 5         # GlueNet mixer blocks (GlueGen: 5); its token count is the LM's max_length
+    glue_mult: int = 2          # GlueNet hidden width = mult * width (GlueGen: 2)
 
 
 def upcast(x):
@@ -586,6 +589,8 @@ class Bridge(nn.Module):
         with nullcontext() if lm_trains else torch.no_grad():
             hidden, vmask = self.text(ids, mask)   # (B, T, D_lm)
         ctx = hidden if self.adapter is None else self.adapter(hidden)  # (B, T, D_vision)
+        if isinstance(self.adapter, GlueNet):  # its token MLP mixes positions: no token mask survives it
+            vmask = None
         return ctx, vmask
 
     def encode_text(self, prompts):
@@ -595,7 +600,14 @@ class Bridge(nn.Module):
 
     def denoise(self, x, t, ctx, mask=None):
         """x (B, C, h, w), t (B,) -> the model output the scheduler expects (learned sigma dropped)."""
-        out = self.denoiser(x, t, ctx, mask)
+        if self.kind == "dit" and self.denoiser.cfg.micro_conditions:  # PixArt 1024-MS: image size in pixels
+            f = 2 ** (len(self.vae.cfg.block_out_channels) - 1)
+            h, w = x.shape[-2] * f, x.shape[-1] * f
+            res = torch.tensor([[h, w]], device=x.device, dtype=x.dtype).expand(x.shape[0], 2)  # (B, 2)
+            ar = torch.tensor([[h / w]], device=x.device, dtype=x.dtype).expand(x.shape[0], 1)  # (B, 1)
+            out = self.denoiser(x, t, ctx, mask, resolution=res, aspect_ratio=ar)
+        else:
+            out = self.denoiser(x, t, ctx, mask)
         return out[:, :x.shape[1]]  # PixArt: 8 channels, the last 4 are the learned variance
 
     def forward(self, latents, ids, mask, t, noise):
@@ -690,8 +702,13 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", lm_dtype=None):
         if d_in != d_out:
             raise ValueError(f"--adapter none needs equal widths, but the LM gives {d_in} and the vision model takes {d_out}")
         adapter = None
+    elif cfg.adapter == "gluenet":
+        n = token_count(text)
+        if n is None:
+            raise ValueError("--adapter gluenet mixes a fixed number of tokens: the LM recipe must pad to max_length")
+        adapter = GlueNet(GlueNetConfig(n, d_in, d_out, cfg.glue_mult, cfg.glue_depth)).to(device, dtype)
     else:
-        raise ValueError(f"unknown adapter {cfg.adapter!r}")
+        raise ValueError(f"unknown adapter {cfg.adapter!r} (text, gluenet, none)")
     bridge = Bridge(cfg, text, adapter, denoiser, vae, sched, kind)
     if cfg.lora_rank and cfg.lora_vision:
         bridge.lora_vis_paths = inject(denoiser, LORA_TARGETS[kind], cfg.lora_rank, dropout=cfg.lora_dropout)
@@ -732,6 +749,36 @@ def load_trainable(bridge, sd):
         raise ValueError("the checkpoint has adapter weights but this bridge has no adapter")
     load_lora(bridge.denoiser, parts["lora_vis"])
     load_lora(bridge.text.model, parts["lora_text"])
+
+
+def init_trainable(bridge, sd):
+    """--init-from across methods: load each part of a checkpoint (adapter, lora_vis, lora_text) that this
+    bridge also has, strictly; a part only one side has is left as built (an align or gluenet run has no
+    LoRA; a lavi run may add it). Returns the names of the parts loaded."""
+    parts = {}
+    for k, v in sd.items():
+        head, _, rest = k.partition(".")
+        if head in ("ema", "optim"):
+            continue
+        if head in ("unet", "text"):
+            raise ValueError("this checkpoint is a whole shapes base model, not a bridge: pass it as --vision shapes:PATH")
+        if head not in ("adapter", "lora_vis", "lora_text"):
+            raise ValueError(f"unexpected key {k!r} in a bridge checkpoint")
+        parts.setdefault(head, {})[rest] = v
+    loaded = []
+    if "adapter" in parts and bridge.adapter is not None:
+        try:
+            load_strict(bridge.adapter, parts["adapter"], "adapter")
+        except ValueError as e:
+            raise ValueError(f"the checkpoint's adapter does not fit this bridge's {type(bridge.adapter).__name__} "
+                             f"(another --adapter, --lm or --vision?): {e}") from e
+        loaded.append("adapter")
+    for head, net, paths in (("lora_vis", bridge.denoiser, bridge.lora_vis_paths),
+                             ("lora_text", bridge.text.model, bridge.lora_text_paths)):
+        if head in parts and paths:
+            load_lora(net, parts[head])
+            loaded.append(head)
+    return loaded
 
 
 def load_release(bridge, folder):
@@ -921,3 +968,48 @@ def load_shapes_base(path=SHAPES_BASE, dtype=torch.float32, device="cpu"):
     load_strict(words, {k[5:]: v for k, v in sd.items() if k.startswith("text.")}, "shapes word encoder")
     sched = json.loads(meta["scheduler"]) if "scheduler" in meta else dict(SHAPES_SCHEDULER)
     return unet.to(device, dtype), PixelCodec(), sched, "unet", words.to(device, dtype)
+
+
+# -----------------------------------------------------------------------------
+# native text encoders: the one a vision model was trained with, the target of text-only bridges
+
+
+def token_count(text):
+    """The fixed number of tokens a text encoder's tokenize() gives, or None when it pads to the batch's longest."""
+    if isinstance(text, WordEncoder):
+        return text.cfg.max_length
+    return text.recipe.max_length if text.recipe.pad_to_max else None
+
+
+def load_native_encoder(vision, dtype=torch.float32, device="cpu"):
+    """The frozen text encoder a vision model was trained with (tokenize, forward(ids, mask) -> (hidden, vision
+    mask or None), width), as the text-only methods (gluenet, align) imitate it:
+    - shapes / shapes:PATH: the base model's own WordEncoder (16 words, mask to the U-Net);
+    - a pipeline (VISION_PRESETS key or folder): text_encoder/ + tokenizer/ under the pipeline's recipe:
+      CLIP (SD) 77 tokens padded, no mask; T5 (PixArt) 120 tokens, mask to T5 and to the DiT;
+      LDM's LDMBert (bert/) is not in transformers: NotImplementedError;
+    - anything else: a language model (LM_PRESETS key, hub id or folder) under its own preset recipe,
+      e.g. "clip" = openai/clip-vit-large-patch14, the text encoder of SD 1.x."""
+    if is_shapes(vision):
+        return load_shapes_base(shapes_base_path(vision), dtype, device)[4].requires_grad_(False).eval()
+    folder = None
+    if vision in VISION_PRESETS:
+        folder = hub_snapshot(VISION_PRESETS[vision][0], ["text_encoder/*", "tokenizer/*", "bert/*", "model_index.json"])
+    elif os.path.isdir(vision) and any(os.path.exists(os.path.join(vision, n))
+                                       for n in ("model_index.json", "text_encoder", "bert", "unet", "transformer")):
+        folder = vision
+    if folder is None:
+        return TextEncoder.load(vision, dtype=dtype, device=device).requires_grad_(False).eval()
+    if os.path.isdir(os.path.join(folder, "bert")):
+        raise NotImplementedError(f"{vision}: the native text encoder of LDM (CompVis/ldm-text2im-large-256) is "
+                                  f"LDMBert (bert/), which transformers does not provide and this repo does not "
+                                  f"implement: pass another --native (an LM or a pipeline with text_encoder/)")
+    enc_dir, tok_dir = os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer")
+    missing = [d for d in (enc_dir, tok_dir) if not os.path.isdir(d)]
+    if missing:
+        raise FileNotFoundError(f"{vision} has no native text encoder: missing {', '.join(missing)}")
+    with open(os.path.join(enc_dir, "config.json")) as f:
+        family = json.load(f).get("model_type")
+    recipe = replace(PIXART_T5_RECIPE) if family in ("t5", "mt5", "umt5") else TextRecipe(77)
+    enc = TextEncoder.load(enc_dir, recipe=recipe, dtype=dtype, device=device, tokenizer_path=tok_dir)
+    return enc.requires_grad_(False).eval()

@@ -15,6 +15,7 @@ from PIL import Image
 import data
 from model import Bridge, BridgeConfig, is_shapes, load_bridge, load_shapes_base, shapes_base_path
 
+SHAPES_STEPS, SHAPES_GUIDANCE = 20, 1.5  # DDIM steps and CFG scale of the shapes world (measured: README)
 SHAPES_PROMPTS = ["a small red circle on the left", "a large blue square at the top",
                   "a small green triangle on the right", "a large yellow circle in the center",
                   "a small purple square at the bottom", "a large orange triangle on the left",
@@ -42,7 +43,7 @@ def base_bridge(vision="shapes", device="cpu"):
     return Bridge(cfg, words, None, unet, codec, sched, kind).eval()
 
 
-def shapes_eval(bridge, n=48, steps=20, guidance=3.0, seed=0, sets=("seen", "unseen", "paraphrase")):
+def shapes_eval(bridge, n=48, steps=SHAPES_STEPS, guidance=SHAPES_GUIDANCE, seed=0, sets=("seen", "unseen", "paraphrase")):
     """{set: {attribute: accuracy}}: images for held-out captions, read back by data.analyze."""
     res = {}
     for name in sets:
@@ -62,12 +63,12 @@ def format_eval(rows):
     return "\n".join(lines)
 
 
-def print_shapes_eval(bridge, n=48, before=None, device="cpu"):
+def print_shapes_eval(bridge, n=48, before=None, device="cpu", sets=("seen", "unseen", "paraphrase")):
     """The table of issue-5: base model with its own encoder, the bridge before and after training."""
-    rows = {"base model + own encoder": shapes_eval(base_bridge(bridge.cfg.vision, device), n=n)}
+    rows = {"base model + own encoder": shapes_eval(base_bridge(bridge.cfg.vision, device), n=n, sets=sets)}
     if before is not None:
         rows["bridge before training"] = before
-    rows["bridge after training"] = shapes_eval(bridge, n=n)
+    rows["bridge after training"] = shapes_eval(bridge, n=n, sets=sets)
     print(format_eval(rows))
     return rows
 
@@ -97,6 +98,8 @@ def get_parser():
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (bf16/fp16: CUDA only)")
     p.add_argument("--eval", action="store_true", help="shapes world: also print attribute accuracy on held-out captions")
     p.add_argument("--eval-n", type=int, default=48, help="images per evaluation set")
+    p.add_argument("--eval-sets", default="seen,unseen,paraphrase",
+                   help="comma-separated evaluation sets (seen, unseen, paraphrase, spanish)")
     return p
 
 
@@ -113,8 +116,8 @@ def main(args):
     bridge = load_bridge(args.bridge, dtype=dtype, device=device, lm=args.lm, vision=args.vision,
                          lora_rank=args.lora_rank)
     shapes = is_shapes(bridge.cfg.vision)
-    steps = args.steps or (20 if shapes else 50)
-    guidance = args.guidance if args.guidance is not None else (3.0 if shapes else 7.5)
+    steps = args.steps or (SHAPES_STEPS if shapes else 50)
+    guidance = args.guidance if args.guidance is not None else (SHAPES_GUIDANCE if shapes else 7.5)
     prompts = [p for p in (args.prompt or (SHAPES_PROMPTS if shapes else ["a photograph of an astronaut riding a horse"]))
                for _ in range(args.n)]
     bridge.merge_lora()
@@ -135,7 +138,7 @@ def main(args):
     if args.eval:
         if not shapes:
             raise SystemExit("--eval measures the shapes world; this bridge is not one")
-        print_shapes_eval(bridge, n=args.eval_n, device=device)
+        print_shapes_eval(bridge, n=args.eval_n, device=device, sets=tuple(args.eval_sets.split(",")))
 
 
 if __name__ == "__main__":

@@ -2776,3 +2776,316 @@ def test_gradient_checkpointing_same_gradients():
             grads.append([p.grad.clone() for p in net.parameters()])
         assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
         assert any(g.abs().max() > 0 for g in grads[1])
+
+
+# ==================================================================================================
+# issue 6: GlueNet, staged alignment, languages, long prompts (~40 s in all on 2 busy cores)
+
+
+def test_spanish_grammar_parallel_and_eval_set():  # < 1 s
+    """The second language: deterministic, every attribute value has its own word, each caption names all
+    four attributes, the pairs line up template by template, and the "spanish" eval set is usable."""
+    tables = {"colour": data.SPANISH_COLOURS, "shape": data.SPANISH_SHAPES, "size": data.SPANISH_SIZES,
+              "position": data.SPANISH_WHERE}
+    for name, table in tables.items():
+        assert len(set(table.values())) == len(table), name  # no two values share a word
+    pool = data.all_attrs("train") + data.all_attrs("unseen")
+    seen = {}
+    for a in pool:
+        caps = data.captions_of(a, "spanish")
+        assert caps == data.captions_of(a, "spanish") and len(caps) == len(data.TEMPLATES)
+        for c in caps:
+            assert data.SPANISH_COLOURS[a.colour] in c.split(" ") or data.SPANISH_COLOURS[a.colour] + "," in c
+            assert data.SPANISH_SHAPES[a.shape] in c and data.SPANISH_SIZES[a.size] in c
+            assert data.SPANISH_WHERE[a.position] in c or data.SPANISH_PLACE[a.position] in c
+            assert not set(data.words_of(c)) & {"red", "circle", "small", "left", "the"}  # no English left
+            assert seen.setdefault(c, a) == a  # a caption names one attribute tuple only
+    pairs = data.parallel_captions("train", "spanish")
+    assert pairs == data.parallel_captions("train", "spanish") and len(pairs) == 5 * len(data.all_attrs("train"))
+    for i, (es, en) in enumerate(pairs):
+        a = data.all_attrs("train")[i // 5]
+        assert es == data.captions_of(a, "spanish")[i % 5] and en == data.captions_of(a, "train")[i % 5]
+    assert pairs[0] == ("un círculo rojo pequeño a la izquierda", "a small red circle on the left")
+    items = data.eval_set("spanish", n=30, seed=1)
+    assert items == data.eval_set("spanish", n=30, seed=1) and len(items) == 30
+    for c, a in items:
+        assert c in data.captions_of(a, "spanish") and a in data.all_attrs("seen")
+    assert data.eval_set("seen", n=5) == data.eval_set("seen", n=5)  # the old sets are unchanged by the new one
+    with pytest.raises(ValueError, match="unknown language"):
+        data.parallel_captions("train", "klingon")
+    with pytest.raises(ValueError, match="unknown eval set"):
+        data.eval_set("klingon")
+
+
+def test_alignment_loss():  # < 1 s
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    assert adapter.alignment_loss(a, a).abs() < 1e-6 and adapter.alignment_loss(a, 3 * a) > 0  # the norm term
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    b2 = b.clone()
+    b2[1, 3:] = 100.0  # masked positions do not count
+    for kind in ("cosine", "mse"):
+        assert torch.allclose(adapter.alignment_loss(a, b, mask, kind), adapter.alignment_loss(a, b2, mask, kind))
+        assert not torch.allclose(adapter.alignment_loss(a, b, None, kind), adapter.alignment_loss(a, b2, None, kind))
+    cos = 1 - nn.functional.cosine_similarity(a, b, dim=-1)
+    want = (cos + 2e-5 * (a.norm(dim=-1) - b.norm(dim=-1)) ** 2)[mask].mean()
+    assert torch.allclose(adapter.alignment_loss(a, b, mask), want, atol=1e-6)
+    with pytest.raises(ValueError, match="cosine or mse"):
+        adapter.alignment_loss(a, b, kind="l1")
+    # a TextAdapter regressed onto fixed targets: each loss goes down
+    for kind in ("cosine", "mse"):
+        torch.manual_seed(0)
+        ad = adapter.TextAdapter(12, 10, 8, dropout=0.0)
+        x = torch.randn(4, 5, 12)
+        opt = torch.optim.Adam(ad.parameters(), lr=1e-2)
+        first = None
+        for _ in range(30):
+            loss = adapter.alignment_loss(ad(x), b.repeat(2, 1, 1), mask.repeat(2, 1), kind)
+            first = first if first is not None else loss.item()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert loss.item() < 0.5 * first, (kind, first, loss.item())
+
+
+def test_gluenet_terms_switchable_and_scales(one_thread):  # ~2 s
+    """Each GlueGen loss alone: finite, reaches only its own modules, and goes down on a fixed batch;
+    forward() = encoder(x * src_scale) * tgt_scale (the normalisations travel with the adapter)."""
+    torch.manual_seed(0)
+    cfg = adapter.GlueNetConfig(num_tokens=6, in_dim=12, out_dim=8, depth=1)
+    x, target = torch.randn(8, 6, 12), torch.randn(8, 6, 8) * 0.5 + 1.0
+    owners = {"align": "encoder", "rec": "decoder", "adv": "disc"}
+    for term in ("align", "rec", "adv"):
+        torch.manual_seed(0)
+        g = adapter.GlueNet(cfg)
+        opt = torch.optim.Adam(g.parameters(), lr=1e-3)
+        values = []
+        for _ in range(15):
+            out = adapter.gluenet_losses(g, g.disc, x, target, terms=(term,))
+            assert [v is None for v in out] == [k != term for k in ("align", "rec", "adv")]
+            loss = out[("align", "rec", "adv").index(term)]
+            assert torch.isfinite(loss)
+            opt.zero_grad()
+            loss.backward()
+            if not values:
+                for part in ("encoder", "decoder", "disc"):
+                    got = sum(p.grad.abs().sum() for p in getattr(g, part).parameters() if p.grad is not None)
+                    # adv reaches the encoder too (reversed); align and rec stop at their own modules
+                    assert (got > 0) == (part == owners[term] or (term == "adv" and part == "encoder")
+                                         or (term == "rec" and part == "encoder")), (term, part)
+            opt.step()
+            values.append(loss.item())
+        assert values[-1] < values[0], (term, values)
+    with pytest.raises(ValueError, match="unknown GlueNet loss"):
+        adapter.gluenet_losses(g, g.disc, x, target, terms=("l1",))
+    g = adapter.GlueNet(cfg)
+    with torch.no_grad():
+        g.src_scale.fill_(1 / 3)
+        g.tgt_scale.copy_(torch.rand(6) + 0.5)
+    assert torch.allclose(g(x), g.encoder(x / 3) * g.tgt_scale[None, :, None])
+    assert {"src_scale", "tgt_scale"} <= set(g.state_dict())
+
+
+@pytest.fixture(scope="module")
+def issue6_base(tmp_path_factory):
+    """A random shapes base model (full shapes U-Net config, layers=1 word encoder)."""
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("base6") / "base.safetensors")
+    cfg = replace(model.shapes_unet_config(), block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=2,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    words = model.WordEncoder(model.WordEncoderConfig(vocab_size=data.VOCAB_SIZE, layers=1))
+    model.save_shapes_base(path, model.UNet(cfg), words, 0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    """A tiny T5 encoder folder (width 32) with an offline word-level tokenizer."""
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(0)
+    folder = str(tmp_path_factory.mktemp("t5") / "t5")
+    vocab = _word_tokenizer(folder, ["<pad>", "</s>", "<unk>"], "$A </s>",
+                            unk_index=2, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0)).save_pretrained(folder)
+    return folder
+
+
+def test_gluenet_bridge_checkpoint_roundtrip(issue6_base, tiny_t5, tmp_path):  # ~2 s
+    """BridgeConfig(adapter="gluenet"): a GlueNet over the LM's token count, no mask to the U-Net, saved as
+    adapter.* (scales included) and rebuilt by load_bridge; --max-length sets its token count."""
+    torch.manual_seed(0)
+    cfg = model.BridgeConfig(lm=tiny_t5, vision=f"shapes:{issue6_base}", adapter="gluenet", lora_rank=0,
+                             glue_depth=1, max_length=40)
+    b = model.build_bridge(cfg).eval()
+    assert isinstance(b.adapter, adapter.GlueNet)
+    assert (b.adapter.cfg.num_tokens, b.adapter.cfg.in_dim, b.adapter.cfg.out_dim, b.adapter.cfg.depth) == (40, 32, 64, 1)
+    with torch.no_grad():
+        b.adapter.src_scale.fill_(1 / 3)
+        b.adapter.tgt_scale.copy_(torch.rand(40) + 0.5)
+    ctx, mask = b.encode_text(["a red circle", ""])
+    assert ctx.shape == (2, 40, 64) and mask is None
+    model.save_checkpoint(str(tmp_path / "g.safetensors"), b, 3)
+    w, _, cfg2, step, _ = model.read_checkpoint(str(tmp_path / "g.safetensors"))
+    assert cfg2 == cfg and step == 3
+    assert {"adapter.src_scale", "adapter.tgt_scale", "adapter.encoder.tail.net_sen.4.weight",
+            "adapter.decoder.tail.net_sen.4.weight", "adapter.disc.net.0.weight"} <= set(w)
+    c = model.load_bridge(str(tmp_path / "g.safetensors"))
+    assert torch.allclose(c.adapter.tgt_scale, b.adapter.tgt_scale)
+    with torch.no_grad():
+        assert torch.equal(c.encode_text(["a red circle", ""])[0], ctx)
+    img = c.sample(["a red circle"], steps=2, guidance=2.0, progress=False)
+    assert img.shape == (1, 32, 32, 3)
+    lavi = model.build_bridge(replace(cfg, adapter="text"))
+    with pytest.raises(ValueError, match="adapter does not fit"):
+        model.init_trainable(lavi, w)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model.build_bridge(replace(cfg, adapter="mlp"))
+
+
+def test_native_encoders(tiny_t5, issue6_base, tmp_path):  # ~3 s
+    """load_native_encoder: the shapes base model's WordEncoder; CLIP (SD) and T5 (PixArt) from a pipeline
+    folder's text_encoder/ + tokenizer/ under the pipeline's recipe; LDM's LDMBert a clear NotImplementedError."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
+    torch.manual_seed(0)
+    words = model.load_native_encoder(f"shapes:{issue6_base}")
+    assert isinstance(words, model.WordEncoder) and model.token_count(words) == 16
+    assert not any(p.requires_grad for p in words.parameters())
+    sd = tmp_path / "sd"
+    vocab = _word_tokenizer(str(sd / "tokenizer"), ["<|startoftext|>", "<|endoftext|>"],
+                            "<|startoftext|> $A <|endoftext|>", unk_index=1, unk_token="<|endoftext|>",
+                            bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=1)).eval()
+    clip.save_pretrained(str(sd / "text_encoder"))
+    (sd / "model_index.json").write_text("{}")
+    enc = model.load_native_encoder(str(sd))
+    assert enc.recipe == model.TextRecipe(77) and enc.width == 32
+    h, vmask = enc.encode(["a red circle"])
+    ids, _ = enc.tokenize(["a red circle"])
+    with torch.no_grad():
+        _close(h, clip(input_ids=ids).last_hidden_state, 1e-5)
+    assert vmask is None
+    pix = tmp_path / "pixart"
+    shutil.copytree(tiny_t5, pix / "tokenizer")
+    T5EncoderModel.from_pretrained(tiny_t5).save_pretrained(str(pix / "text_encoder"))
+    (pix / "transformer").mkdir()
+    enc = model.load_native_encoder(str(pix))
+    assert enc.recipe == model.PIXART_T5_RECIPE
+    h, vmask = enc.encode(["a red circle"])
+    assert h.shape == (1, 120, 32) and vmask.sum() == 4  # three words + </s>
+    ldm = tmp_path / "ldm"
+    (ldm / "bert").mkdir(parents=True)
+    (ldm / "model_index.json").write_text("{}")
+    with pytest.raises(NotImplementedError, match="LDMBert"):
+        model.load_native_encoder(str(ldm))
+    shutil.rmtree(sd / "text_encoder")
+    with pytest.raises(FileNotFoundError, match="text_encoder"):
+        model.load_native_encoder(str(sd))
+
+
+def test_text_pairs(tmp_path):  # < 1 s
+    f = tmp_path / "caps.txt"
+    f.write_text("a red circle\n\nun círculo rojo\ta red circle\nbad\t\n\tbad too\nx\ty\tz\n", encoding="utf-8")
+    assert train.text_pairs(str(f)) == [("a red circle", "a red circle"), ("un círculo rojo", "a red circle")]
+    assert train.text_pairs("shapes") == [(c, c) for c in data.all_captions("train")]
+    assert train.text_pairs("shapes:spanish") == data.parallel_captions("train", "spanish")
+    with pytest.raises(FileNotFoundError):
+        train.text_pairs(str(tmp_path / "missing.txt"))
+    (tmp_path / "images.tsv").write_text("a.jpg\ta red circle\nb.png\ta blue square\n")
+    with pytest.raises(ValueError, match="image-caption TSV"):
+        train.text_pairs(str(tmp_path / "images.tsv"))
+    args = train.argparse.Namespace(batch_size=3, seed=0, caption_dropout=0.0)
+    pairs = [(str(i), str(i + 10)) for i in range(6)]
+    s0, t0 = train.text_batch(pairs, args, 0)
+    s1, t1 = train.text_batch(pairs, args, 1)
+    assert (s0, t0) == train.text_batch(pairs, args, 0) and [int(t) - 10 for t in t0] == [int(s) for s in s0]
+    assert sorted(s0 + s1) == [str(i) for i in range(6)]  # one epoch: each pair once
+    args.caption_dropout = 1.0
+    assert train.text_batch(pairs, args, 0) == (["", "", ""], ["", "", ""])
+
+
+def test_gluenet_run_writes_a_bridge_sample_loads(issue6_base, tmp_path, capsys):  # ~8 s
+    """train.py --method gluenet (words -> the base model's own words, GlueGen losses) for a few steps: the
+    checkpoint is a gluenet bridge, with the scales set; sample.py draws from it. With --loss-rec 0 and
+    --loss-adv 0 the decoder and the discriminator are never touched."""
+    torch.manual_seed(0)
+    args = small_args(issue6_base, tmp_path / "g", method="gluenet", lm="words", glue_depth=1, steps=6, log_every=3,
+                      save_every=3, batch_size=8, lr_adapter=1e-3)
+    res = train.main(args)
+    assert len(res.history) == 2 and all(math.isfinite(v) for _, v in res.history)
+    w, _, cfg, step, targs = model.read_checkpoint(str(tmp_path / "g" / "ckpt.safetensors"))
+    assert step == 6 and cfg.adapter == "gluenet" and cfg.lora_rank == 0 and cfg.max_length == 16
+    assert not any(k.startswith("lora_") for k in w)
+    assert torch.allclose(w["adapter.src_scale"], torch.tensor(1 / 3))
+    assert (w["adapter.tgt_scale"] != 1).all()  # per-position norm / 2 of the base model's own features
+    ns = sample.get_parser().parse_args(["--bridge", str(tmp_path / "g" / "ckpt.safetensors"), "--steps", "2",
+                                         "--prompt", "a small red circle on the left", "--out", str(tmp_path / "g.png")])
+    sample.main(ns)
+    assert np.asarray(Image.open(tmp_path / "g.png")).shape == (32, 32, 3)
+    # every term on: the optimizer holds state for every parameter; rec and adv off: only for the encoder's
+    # (AdamW makes state only for a parameter that got a gradient)
+    params = list(res.bridge.adapter.named_parameters())
+    _, opt, _, _, _ = model.read_checkpoint(str(tmp_path / "g" / "ckpt.safetensors"))
+    assert sorted(opt["state"]) == list(range(len(params)))
+    res = train.main(small_args(issue6_base, tmp_path / "a", method="gluenet", lm="words", glue_depth=1, steps=2,
+                                batch_size=8, loss_rec=0.0, loss_adv=0.0))
+    _, opt, _, _, _ = model.read_checkpoint(str(tmp_path / "a" / "ckpt.safetensors"))
+    assert sorted(opt["state"]) == [i for i, (k, _) in enumerate(params) if k.startswith("encoder.")]
+    with pytest.raises(SystemExit, match="every GlueNet loss is off"):
+        train.main(small_args(issue6_base, tmp_path / "b", method="gluenet", lm="words", loss_align=0.0,
+                              loss_rec=0.0, loss_adv=0.0))
+
+
+def test_align_then_lavi_init_from(issue6_base, tmp_path, capsys):  # ~8 s
+    """Stage 1 (--method align: TextAdapter onto the native features, cosine or MSE) then stage 2 (a lavi run
+    with LoRA --init-from the align checkpoint: the adapter comes over, the LoRA starts at zero)."""
+    torch.manual_seed(0)
+    hist = {}
+    for kind in ("cosine", "mse"):
+        res = train.main(small_args(issue6_base, tmp_path / kind, method="align", lm="words", steps=12, log_every=4,
+                                    save_every=12, batch_size=8, lr_adapter=3e-3, warmup=1, align_loss=kind,
+                                    adapter_dropout=0.0, caption_dropout=0.0))
+        hist[kind] = [v for _, v in res.history]
+        assert hist[kind][-1] < hist[kind][0], (kind, hist[kind])
+    w, _, cfg, _, _ = model.read_checkpoint(str(tmp_path / "cosine" / "ckpt.safetensors"))
+    assert cfg.adapter == "text" and cfg.lora_rank == 0 and not any(k.startswith("lora_") for k in w)
+    sample.main(sample.get_parser().parse_args(["--bridge", str(tmp_path / "cosine" / "ckpt.safetensors"), "--steps", "2",
+                                                "--prompt", "a red circle", "--out", str(tmp_path / "s1.png")]))
+    capsys.readouterr()
+    res = train.main(small_args(issue6_base, tmp_path / "stage2", init_from=str(tmp_path / "cosine" / "ckpt.safetensors"),
+                                steps=2, lr_adapter=0.0, warmup=0))
+    assert "initialised adapter from" in capsys.readouterr().out
+    w2, _, cfg2, _, _ = model.read_checkpoint(str(tmp_path / "stage2" / "ckpt.safetensors"))
+    assert cfg2.lora_rank == 4 and any(k.startswith("lora_vis.") for k in w2)
+    for k, v in w.items():  # lr 0 on the adapter: exactly the stage-1 adapter
+        if k.startswith("adapter."):
+            assert torch.equal(w2[k], v), k
+
+
+def test_long_prompts_max_length(issue6_base, tiny_t5, tmp_path):  # ~6 s
+    """--max-length 256 for T5 with a U-Net, end to end: train.py writes a bridge whose recipe keeps 256
+    tokens, and a word after token 77 changes the sample (nothing truncates at 77 on the way)."""
+    torch.manual_seed(0)
+    res = train.main(small_args(issue6_base, tmp_path / "long", lm=tiny_t5, lora_lm=True, max_length=256, steps=2,
+                                batch_size=2))
+    b = model.load_bridge(str(tmp_path / "long" / "ckpt.safetensors"))
+    assert b.cfg.max_length == 256 and b.text.recipe.max_length == 256
+    with torch.no_grad():  # make the LoRA and adapter non-trivial so that every token can matter
+        for p in b.adapter.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    long_a = " ".join(["red circle"] * 60) + " blue"
+    long_b = " ".join(["red circle"] * 60) + " green"
+    ids, mask = b.text.tokenize([long_a])
+    assert ids.shape == (1, 256) and mask.sum() == 122  # 121 words + </s>
+    ctx, _ = b.encode_text([long_a, long_b])
+    assert ctx.shape == (2, 256, 64)
+    assert (ctx[0, 120] - ctx[1, 120]).abs().max() > 1e-4
+    imgs = b.sample([long_a, long_b], steps=2, guidance=3.0, progress=False)
+    assert imgs.shape == (2, 32, 32, 3) and not torch.equal(imgs[0], imgs[1])
+    short = model.build_bridge(replace(b.cfg, max_length=77))
+    ctx77, _ = short.encode_text([long_a, long_b])
+    assert ctx77.shape[1] == 77 and torch.equal(ctx77[0], ctx77[1])  # at 77 tokens the two prompts are one
+    assert len(res.history) >= 1

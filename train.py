@@ -7,6 +7,7 @@ python train.py --preset shapes-base                       # the shapes base mod
 torchrun --nproc_per_node 8 train.py --lm llama2 --vision sd14 --data train.tsv --dtype bf16 --compile
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -23,9 +24,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+from adapter import GLUEGEN_LOSS_WEIGHTS, alignment_loss, gluenet_losses
 from model import (Bridge, BridgeConfig, PixelCodec, SHAPES_SCHEDULER, UNet, WordEncoder, WordEncoderConfig,
-                   build_bridge, is_shapes, load_trainable, read_checkpoint, save_checkpoint, save_shapes_base,
-                   shapes_unet_config, trainable_state_dict)
+                   build_bridge, init_trainable, is_shapes, load_native_encoder, load_trainable, read_checkpoint,
+                   save_checkpoint, save_shapes_base, shapes_unet_config, token_count, trainable_state_dict)
 from lora import lora_parameters
 from unet import set_grad_checkpointing
 
@@ -40,7 +42,11 @@ DEFAULTS = dict(
     warmup=500, grad_clip=1.0, caption_dropout=0.0, ema=0.0,
     dtype="fp32", compile=False, grad_checkpointing=False, device="", seed=0,
     out="out/bridge", resume=False, init_from="", log_every=10, save_every=500, sample_every=0,
-    sample_prompts="a photo of a cat|a red car in the snow", eval=False, eval_n=48,
+    sample_prompts="a photo of a cat|a red car in the snow", eval=False, eval_n=48, eval_sets="seen,unseen,paraphrase",
+    # text-only methods (gluenet, align): GlueGen's loss weights and scales, OmniDiffusion's stage-1 loss
+    native="", loss_align=GLUEGEN_LOSS_WEIGHTS["align"], loss_rec=GLUEGEN_LOSS_WEIGHTS["rec"],
+    loss_adv=GLUEGEN_LOSS_WEIGHTS["adv"], token_weights=True, adv_lambda=0.1, src_div=3.0, glue_depth=5, glue_mult=2,
+    align_loss="cosine",
 )
 PRESETS = {
     # LaVi-Bridge releases (REFERENCE.md): AdamW wd 1e-2, warm-up 500, clip 1.0, 512 px
@@ -53,8 +59,15 @@ PRESETS = {
                    caption_dropout=0.1, out="out/shapes", save_every=100, log_every=10, eval=True,
                    sample_prompts="a small red circle on the left|a large blue square at the top"),
     "shapes-base": dict(method="base", lm="words", vision="shapes", data="shapes", size=32, steps=3000,
-                        batch_size=32, lora_rank=0, lr_vision=1e-3, lr_adapter=1e-3, warmup=100, ema=0.999,
+                        batch_size=32, lora_rank=0, lr_vision=1e-3, lr_adapter=1e-3, warmup=100,
                         caption_dropout=0.1, weight_decay=0.0, out="out/shapes-base", save_every=250, eval=True),
+    # text-only bridges into the shapes base model (issue 6): captions of the training grammar, no images
+    "shapes-gluenet": dict(method="gluenet", lm="minilm", vision="shapes", data="shapes", steps=500, batch_size=32,
+                           max_length=16, glue_depth=2, lora_rank=0, lr_adapter=1e-3, warmup=50, caption_dropout=0.1,
+                           out="out/shapes-gluenet", save_every=100, log_every=10, eval=True),
+    "shapes-align": dict(method="align", lm="minilm", vision="shapes", data="shapes", steps=500, batch_size=32,
+                         max_length=16, lora_rank=0, lr_adapter=1e-3, warmup=50, caption_dropout=0.1,
+                         out="out/shapes-align", save_every=100, log_every=10, eval=True),
 }
 
 
@@ -69,7 +82,9 @@ def release_preset(lm, vision):
 def resolve_args(args):
     """DEFAULTS < preset (or the release recipe of --lm/--vision) < explicit flags."""
     given = {k: v for k, v in vars(args).items() if v is not None and k != "preset"}
-    preset = args.preset or ("" if given.get("lm") or given.get("vision") else "shapes")
+    # no preset: the shapes world, unless --lm/--vision name real models (then the release recipe of the pair)
+    real = given.get("lm") or (given.get("vision") and not is_shapes(given["vision"]))
+    preset = args.preset or ("" if real else "shapes")
     p = dict(PRESETS[preset]) if preset else release_preset(given.get("lm", DEFAULTS["lm"]),
                                                             given.get("vision", DEFAULTS["vision"]))
     cfg = {**DEFAULTS, **p, **given, "preset": preset}
@@ -81,10 +96,13 @@ def get_parser():
     b = lambda s: s.lower() in ("1", "true", "yes", "on")  # noqa: E731
     p.add_argument("--preset", choices=list(PRESETS), help="a named recipe; explicit flags override it (default: shapes)")
     # model
-    p.add_argument("--method", choices=["lavi", "base"], help="lavi: LoRA + adapter bridge; base: train the shapes base model")
+    p.add_argument("--method", choices=["lavi", "base", "gluenet", "align"],
+                   help="lavi: LoRA + adapter bridge; base: train the shapes base model; text only (no images): "
+                        "gluenet: GlueGen's GlueNet, align: OmniDiffusion stage 1 (TextAdapter onto the native encoder)")
     p.add_argument("--lm", help="language model: a preset (t5-large, llama2, minilm, ...), hub id or local folder")
     p.add_argument("--vision", help="vision model: sd14, sd15, ldm, pixart-512, pixart-1024, shapes, or a local path")
-    p.add_argument("--adapter", choices=["text", "none"], help="TextAdapter, or none when the widths already match")
+    p.add_argument("--adapter", choices=["text", "gluenet", "none"],
+                   help="TextAdapter, GlueNet (GlueGen), or none when the widths already match")
     p.add_argument("--adapter-mid", type=int, help="adapter middle width (0: (in + out) / 2)")
     p.add_argument("--adapter-dropout", type=float, help="dropout inside the adapter (release: 0.1)")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (0: no LoRA)")
@@ -127,6 +145,20 @@ def get_parser():
     p.add_argument("--sample-prompts", help="|-separated prompts for the sample grids")
     p.add_argument("--eval", type=b, help="shapes world: evaluate attribute accuracy at the end")
     p.add_argument("--eval-n", type=int, help="images per evaluation set")
+    p.add_argument("--eval-sets", help="comma-separated evaluation sets (seen, unseen, paraphrase, spanish)")
+    # text-only methods: --data is shapes (training captions), shapes:spanish (Spanish -> English pairs),
+    # a .txt (one caption a line: source = target) or a TSV (source<TAB>target)
+    p.add_argument("--native", help="target text encoder (default: --vision's own; or an LM, e.g. clip)")
+    p.add_argument("--loss-align", type=float, help="gluenet: weight of the token-weighted MSE (0: off; GlueGen 1e4)")
+    p.add_argument("--loss-rec", type=float, help="gluenet: weight of the reconstruction MSE (0: off; GlueGen 1e4)")
+    p.add_argument("--loss-adv", type=float, help="gluenet: weight of the adversarial NLL (0: off; GlueGen 0.1)")
+    p.add_argument("--token-weights", type=b, help="gluenet: GlueGen's per-token weights in the MSE (false: uniform)")
+    p.add_argument("--adv-lambda", type=float, help="gluenet: gradient-reversal factor (GlueGen 0.1)")
+    p.add_argument("--src-div", type=float, help="gluenet: the LM's features are divided by this (GlueGen 3)")
+    p.add_argument("--glue-depth", type=int, help="gluenet: mixer blocks (GlueGen 5)")
+    p.add_argument("--glue-mult", type=int, help="gluenet: hidden width multiplier (GlueGen 2)")
+    p.add_argument("--align-loss", choices=["cosine", "mse"],
+                   help="align: 1 - cosine + 2e-5 * (norm difference)^2 per token (OmniDiffusion), or MSE")
     return p
 
 
@@ -318,6 +350,8 @@ class Data:
 
 def main(args):
     args = resolve_args(args)
+    if args.method in ("gluenet", "align"):
+        return train_text_only(args)
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -376,11 +410,15 @@ def main(args):
             print(f"resumed from {ckpt_path} at step {start}")
     elif args.init_from:
         weights, _, _, step0, _ = read_checkpoint(args.init_from)
-        load_trainable(bridge, {k: v for k, v in weights.items() if not k.startswith("ema.")})
+        if whole:
+            load_trainable(bridge, {k: v for k, v in weights.items() if not k.startswith("ema.")})
+            parts = ["unet", "text"]
+        else:  # across methods: e.g. the adapter of an align (stage 1) run into a lavi run with LoRA
+            parts = init_trainable(bridge, weights)
         if ema is not None:
             ema = {k: v.clone() for k, v in trainable_state_dict(bridge, whole).items()}
         if master:
-            print(f"initialised from {args.init_from} (step {step0})")
+            print(f"initialised {', '.join(parts) or 'nothing'} from {args.init_from} (step {step0})")
     live = list(trainable_state_dict(bridge, whole).values())  # views of the trainable weights
 
     raw = bridge  # the uncompiled module, for saving and sampling
@@ -417,7 +455,7 @@ def main(args):
     before = None
     if shapes_eval and args.method == "lavi" and start == 0:
         import sample
-        before = sample.shapes_eval(raw, n=args.eval_n)  # the bridge as initialised, for the table
+        before = sample.shapes_eval(raw, n=args.eval_n, sets=eval_sets(args))  # the bridge as initialised
     batches = Data(args, raw, rank, world, start, master)
     raw.train()  # dropout on, as the release trains (LoRA dropout, the LM's own dropout)
     losses = []  # device tensors since the last check: no host sync inside the step
@@ -458,7 +496,8 @@ def main(args):
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             with torch.no_grad():
-                torch._foreach_lerp_(list(ema.values()), live, 1 - args.ema)
+                decay = min(args.ema, (2 + step) / (11 + step))  # warm-up: the random init fades out fast
+                torch._foreach_lerp_(list(ema.values()), live, 1 - decay)
         seen += args.batch_size * args.grad_accum * world
         done = step + 1
         if done % args.log_every == 0 or done % args.save_every == 0 or done == args.steps or stop["signal"]:
@@ -491,7 +530,8 @@ def main(args):
         if whole:
             print(sample.format_eval({"base model + own encoder": with_ema(lambda: sample.shapes_eval(raw, n=args.eval_n))}))
         else:
-            with_ema(lambda: sample.print_shapes_eval(raw, n=args.eval_n, before=before, device=device))
+            with_ema(lambda: sample.print_shapes_eval(raw, n=args.eval_n, before=before, device=device,
+                                                      sets=eval_sets(args)))
     if ddp:  # DDP keeps replicas equal; say so, or say how far they drifted
         flat = torch.cat([v.flatten().float() for v in live])
         hi, lo = flat.clone(), flat.clone()
@@ -510,6 +550,234 @@ def write_samples(bridge, args, step):
     imgs = bridge.sample(args.sample_prompts.split("|"), steps=20, guidance=4.0, seed=0, progress=False)
     bridge.train()
     save_grid(imgs, os.path.join(args.out, "samples", f"step_{step:06d}.png"))
+
+
+# -----------------------------------------------------------------------------
+# text-only bridges (issue 6): GlueGen's GlueNet and OmniDiffusion's stage 1, no images, the vision model
+# untouched. The LM's features of a caption are mapped onto the features the vision model's NATIVE text
+# encoder gives for the same caption (or for its translation).
+
+def eval_sets(args):
+    return tuple(s.strip() for s in args.eval_sets.split(",") if s.strip())
+
+
+def text_pairs(spec):
+    """[(source caption, target caption)]: "shapes" (every training caption, itself as target),
+    "shapes:<language>" (data.parallel_captions: the foreign caption, its English original), a text file of
+    one caption a line (itself as target), or "source<TAB>target" lines (e.g. a translation, its original)."""
+    if spec == "shapes":
+        return [(c, c) for c in data.all_captions("train")]
+    if spec.startswith("shapes:"):
+        return data.parallel_captions("train", spec[len("shapes:"):])
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"caption file not found: {spec} (text-only methods read shapes, shapes:<language>, "
+                                f"a .txt of captions or a source<TAB>target file)")
+    pairs, bad = [], []
+    with open(spec, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            src, tab, tgt = line.partition("\t")
+            if tab and (not src.strip() or not tgt.strip() or "\t" in tgt):
+                bad.append(n)
+                continue
+            pairs.append((src.strip(), tgt.strip() if tab else src.strip()))
+    if bad:
+        print(f"{spec}: skipped {len(bad)} malformed line(s) (an empty side or more than one TAB), e.g. line {bad[0]}")
+    if not pairs:
+        raise ValueError(f"{spec}: no caption in it")
+    if sum(s.lower().endswith(data.IMAGE_EXTS) for s, _ in pairs) > len(pairs) // 2:
+        raise ValueError(f"{spec} looks like an image-caption TSV (path<TAB>caption): the text-only methods "
+                         f"read captions, or source<TAB>target caption pairs")
+    return pairs
+
+
+def fit_tokens(x, n):
+    """Pad with zeros or truncate dim 1 of x (B, T, ...) to n tokens."""
+    if x.shape[1] >= n:
+        return x[:, :n]
+    return torch.cat([x, x.new_zeros((x.shape[0], n - x.shape[1], *x.shape[2:]))], dim=1)  # (B, n, ...)
+
+
+@torch.no_grad()
+def native_targets(native, captions, n, device, dtype):
+    """The native encoder's (features (B, n, D), mask (B, n) bool) for captions, padded with zeros or truncated
+    to n tokens. mask: the tokens the vision model attends to (every token when the encoder passes it no mask;
+    for a caption with no real token, e.g. the empty one, every token too: the -10000 bias of an all-pad
+    mask makes the attention uniform)."""
+    ids, mask = native.tokenize(captions)
+    h, vmask = native(ids.to(device), mask.to(device))  # (B, T, D)
+    m = torch.ones(h.shape[:2], dtype=torch.bool, device=device) if vmask is None else vmask.to(device).bool()
+    m[~m.any(1)] = True
+    return fit_tokens(h.to(dtype), n), fit_tokens(m, n)
+
+
+class FeatureCache:
+    """A frozen encoder's outputs per caption: each distinct caption is encoded once (the text-only methods
+    train no LoRA, and their encoders pad to a fixed length, so a caption's features do not depend on its
+    batch), while at most `limit` captions are stored; beyond that every batch is encoded afresh."""
+
+    def __init__(self, encode, limit=20000):
+        self.encode, self.limit, self.store = encode, limit, {}
+
+    def __call__(self, captions):
+        """captions -> the tuple of tensors encode(captions) gives, each (B, ...)."""
+        new = sorted({c for c in captions if c not in self.store})
+        if len(self.store) + len(new) > self.limit:
+            return self.encode(captions)
+        if new:
+            outs = self.encode(new)
+            for i, c in enumerate(new):
+                self.store[c] = tuple(o[i] for o in outs)
+        return tuple(torch.stack([self.store[c][j] for c in captions]) for j in range(len(self.store[captions[0]])))
+
+
+def target_scale(native, pairs, n, device, dtype, count=512, batch=64):
+    """GlueGen's per-position target divisor: the mean L2 norm of the native features at each of the n
+    positions over (up to) count target captions, halved, (n,); positions that are only zero padding get 1."""
+    caps = [pairs[i][1] for i in np.random.default_rng(0).permutation(len(pairs))[:count]]
+    norms = torch.cat([native_targets(native, caps[i:i + batch], n, device, dtype)[0].norm(dim=-1)
+                       for i in range(0, len(caps), batch)])  # (N, n)
+    scale = norms.mean(0) / 2
+    return torch.where(scale > 1e-6, scale, torch.ones_like(scale))
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed, epoch, n):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def text_batch(pairs, args, step):
+    """The (sources, targets) of a step: epochs of a seeded permutation by global sample index; a pair is
+    replaced by ("", "") with probability caption_dropout (so the empty caption of CFG maps right too)."""
+    out = []
+    for g in range(step * args.batch_size, (step + 1) * args.batch_size):
+        epoch, pos = divmod(g, len(pairs))
+        i = _epoch_order(args.seed, epoch, len(pairs))[pos]
+        drop = np.random.default_rng([args.seed, g, 2]).random() < args.caption_dropout
+        out.append(("", "") if drop else pairs[i])
+    return [s for s, _ in out], [t for _, t in out]
+
+
+def train_text_only(args):
+    """--method gluenet | align: a bridge trained on text alone. gluenet: GlueGen's GlueNet maps the LM's
+    (B, T, D_lm) onto the native encoder's (B, T, D_native) (both padded to T tokens), losses token-weighted
+    MSE + reconstruction + adversarial, each weighted by a flag (0: off). align: OmniDiffusion stage 1, the
+    TextAdapter regressed token by token onto the native features (positions padded or truncated to the
+    native length, masked by the native mask and the LM's). The checkpoint is a bridge (no LoRA) that
+    sample.py loads like any other, and that a lavi run can start from (--init-from: stage 2)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if int(os.environ.get("RANK", -1)) != -1:
+        raise SystemExit(f"--method {args.method} trains on one process (it is cheap: no vision model runs)")
+    if args.dtype in ("bf16", "fp16") and device.type != "cuda":
+        raise SystemExit(f"--dtype {args.dtype} is for CUDA; on {device.type} use --dtype fp32")
+    ptdtype = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    wdtype = torch.float64 if args.dtype == "fp64" else torch.float32  # the adapter and the losses
+    torch.manual_seed(args.seed)
+    glue = args.method == "gluenet"
+
+    native = load_native_encoder(args.native or args.vision, dtype=ptdtype, device=device)
+    n_native = token_count(native)
+    if n_native is None:
+        raise SystemExit("the native encoder pads to the batch's longest prompt: give it a fixed max_length")
+    adapter_kind = "gluenet" if glue else args.adapter
+    if adapter_kind == "none":
+        raise SystemExit("--adapter none has nothing to train")
+    # the LM is padded to the native token count unless --max-length says otherwise (GlueNet: its token count)
+    cfg = BridgeConfig(**{**{f.name: getattr(args, f.name) for f in fields(BridgeConfig)}, "adapter": adapter_kind,
+                          "lora_rank": 0, "max_length": args.max_length or n_native})
+    bridge = build_bridge(cfg, device=device, dtype=wdtype)
+    for p in bridge.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(ptdtype)
+    adapter = bridge.adapter
+    ctx_width = bridge.denoiser.cfg.cross_attention_dim if bridge.kind == "unet" else bridge.denoiser.cfg.caption_channels
+    if native.width != ctx_width:
+        raise SystemExit(f"the native encoder gives {native.width}-d features but the vision model takes {ctx_width}: "
+                         f"wrong --native?")
+    n = adapter.cfg.num_tokens if glue else n_native  # tokens the loss compares
+    pairs = text_pairs(args.data)
+    terms = [k for k, w in (("align", args.loss_align), ("rec", args.loss_rec), ("adv", args.loss_adv)) if w > 0]
+    if glue and not terms:
+        raise SystemExit("every GlueNet loss is off (--loss-align/--loss-rec/--loss-adv all 0)")
+    weights = {"align": args.loss_align, "rec": args.loss_rec, "adv": args.loss_adv}
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr_adapter, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    print(f"{args.preset or 'custom'}: lm={args.lm} -> {adapter_kind} -> native {args.native or args.vision} "
+          f"({n_native} tokens, width {native.width}), method={args.method}, {len(pairs)} caption pairs, "
+          f"trainable {sum(p.numel() for p in params) / 1e6:.2f}M params on {device}")
+
+    ckpt_path = os.path.join(args.out, "ckpt.safetensors")
+    start = 0
+    if args.resume and os.path.isfile(ckpt_path):
+        w, opt_state, _, start, _ = read_checkpoint(ckpt_path)
+        load_trainable(bridge, {k: v for k, v in w.items() if not k.startswith("ema.")})
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)
+        print(f"resumed from {ckpt_path} at step {start}")
+    elif args.init_from:
+        w, _, _, step0, _ = read_checkpoint(args.init_from)
+        print(f"initialised {', '.join(init_trainable(bridge, w)) or 'nothing'} from {args.init_from} (step {step0})")
+    elif glue:  # GlueGen's fixed normalisations, kept in the adapter's buffers
+        with torch.no_grad():
+            adapter.src_scale.fill_(1.0 / args.src_div)
+            adapter.tgt_scale.copy_(target_scale(native, pairs, n, device, wdtype))
+
+    @torch.no_grad()
+    def encode_source(captions):
+        ids, mask = bridge.text.tokenize(captions)
+        h, smask = bridge.text(ids.to(device), mask.to(device))  # (B, T_lm, D_lm)
+        smask = torch.ones(h.shape[:2], dtype=torch.bool, device=device) if smask is None else smask.bool()
+        return h.to(wdtype), smask
+    fixed = token_count(bridge.text) is not None
+    source = FeatureCache(encode_source, limit=20000 if fixed else 0)
+    target = FeatureCache(lambda caps: native_targets(native, caps, n, device, wdtype))
+
+    adapter.train()
+    history, parts_log = [], []
+    pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method)
+    for step in pbar:
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, args.lr_adapter, args.warmup)
+        torch.manual_seed(args.seed + 7919 * step)  # dropout masks: a function of the step
+        sources, targets = text_batch(pairs, args, step)
+        h, smask = source(sources)  # (B, T_lm, D_lm), (B, T_lm): the tokens the vision model would see
+        y, ymask = target(targets)  # (B, n, D_native), (B, n)
+        if glue:
+            x = h * adapter.src_scale
+            tw = None if args.token_weights else torch.ones(1, n, 1, device=device, dtype=wdtype)
+            losses = dict(zip(("align", "rec", "adv"), gluenet_losses(
+                adapter, adapter.disc, x, y / adapter.tgt_scale[:, None], tw, lam=args.adv_lambda, terms=terms)))
+            loss = sum(weights[k] * v for k, v in losses.items() if v is not None)
+        else:
+            pred = fit_tokens(adapter(h), n)  # (B, n, D_native)
+            m = ymask & fit_tokens(smask, n)
+            loss = alignment_loss(pred, y, m, kind=args.align_loss)
+            losses = {args.align_loss: loss}
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        parts_log.append(torch.stack([loss.detach()] + [v.detach() for v in losses.values() if v is not None]))
+        done = step + 1
+        if done % args.log_every == 0 or done % args.save_every == 0 or done == args.steps:
+            mean = torch.stack(parts_log).mean(0).tolist()
+            parts_log = []
+            if not all(math.isfinite(v) for v in mean):
+                raise SystemExit(f"non-finite loss by step {done}: stopping; the last checkpoint ({ckpt_path}) is intact")
+            history.append((done, mean[0]))
+            names = [k for k, v in losses.items() if v is not None]
+            pbar.set_postfix(loss=f"{mean[0]:.4g}", **{k: f"{v:.4g}" for k, v in zip(names, mean[1:])})
+        if done % args.save_every == 0 or done == args.steps:
+            save_checkpoint(ckpt_path, bridge, done, train_args=vars(args), optimizer=optimizer)
+    pbar.close()
+    bridge.eval()
+    if args.eval and is_shapes(args.vision):
+        import sample
+        sample.print_shapes_eval(bridge, n=args.eval_n, device=device, sets=eval_sets(args))
+    return SimpleNamespace(bridge=bridge, history=history)
 
 
 if __name__ == "__main__":
