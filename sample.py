@@ -11,6 +11,7 @@ import os
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 import data
 from model import Bridge, BridgeConfig, is_shapes, load_bridge, load_shapes_base, shapes_base_path
@@ -46,7 +47,7 @@ def base_bridge(vision="shapes", device="cpu"):
 def shapes_eval(bridge, n=48, steps=SHAPES_STEPS, guidance=SHAPES_GUIDANCE, seed=0, sets=("seen", "unseen", "paraphrase")):
     """{set: {attribute: accuracy}}: images for held-out captions, read back by data.analyze."""
     res = {}
-    for name in sets:
+    for name in tqdm(sets, desc="evaluating", leave=False):
         items = data.eval_set(name, n=n, seed=seed)
         imgs = bridge.sample([c for c, _ in items], steps=steps, guidance=guidance, seed=seed, progress=False)
         res[name] = data.evaluate(imgs.numpy(), [a for _, a in items])

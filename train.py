@@ -54,7 +54,7 @@ PRESETS = {
     "llama2-sd14": dict(lm="llama2", vision="sd14"),
     "t5-pixart": dict(lm="t5-large", vision="pixart-512", lr_vision=2e-5, lr_adapter=2e-5),
     # the shapes world (data.py): MiniLM bridged into the shipped base model, on a CPU
-    "shapes": dict(lm="minilm", vision="shapes", data="shapes", size=32, steps=500, batch_size=32, max_length=16,
+    "shapes": dict(lm="minilm", vision="shapes", data="shapes", size=32, steps=300, batch_size=32, max_length=16,
                    lora_rank=8, lora_dropout=0.0, lr_vision=5e-4, lr_lm=5e-5, lr_adapter=1e-3, warmup=50,
                    caption_dropout=0.1, out="out/shapes", save_every=100, log_every=10, eval=True,
                    sample_prompts="a small red circle on the left|a large blue square at the top"),
