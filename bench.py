@@ -3,8 +3,9 @@ Speed of this repo's models against the reference implementations (diffusers, pe
 this machine: same weights (the reference's state dict loaded into ours, whose module names are diffusers'
 keys), same inputs, ours and the reference timed alternately, median of the repeats. Prints a markdown table.
 
-python bench.py --quick                      # no 64x64 U-Net or sd14 sampling rows, fewer repeats (~6 min)
-python bench.py --threads 2 --out bench.md   # every row (~10-15 min on 2 CPU cores)
+pip install -r requirements-test.txt peft     # the references: diffusers (tests) and peft (bench only)
+python bench.py --quick                      # no 64x64 U-Net or sd14 sampling rows, fewer repeats (~7 min)
+python bench.py --out bench.md               # every row: ~20 min on one busy core (--threads 2 on free cores: less)
 python bench.py --rows unet,merge            # some rows: unet, sample, lora, merge, shapes
 
 On a CUDA machine every row runs a second time in bf16 autocast. bench.py and the tests are the only files that
@@ -36,12 +37,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 from adapter import TextAdapter
-from lora import LORA_TARGETS, inject, lora_parameters, merge_lora
+from lora import LORA_TARGETS, inject, lora_parameters, merge_lora, unwrap_lora
 from model import DDPM, SD_SCHEDULER, Bridge, BridgeConfig, PixelCodec, WordEncoder, WordEncoderConfig
 from unet import UNET_PRESETS, UNet, load_strict
 
 ROWS = ("unet", "sample", "lora", "merge", "shapes")
-PROMPT, NEGATIVE = "a small red circle on the left", "a"  # not "": WordEncoder gives NaN for an all-pad caption
+PROMPT, NEGATIVE = "a small red circle on the left", ""  # "": the CFG null caption, as Bridge.sample defaults
 T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8)  # t5-small sizes
 RANK = 32
 LONG = 10.0  # seconds: a call at least this long is its own warm-up (its first run counts as a repeat)
@@ -59,38 +60,37 @@ def make_env(kind):
 
 
 def timed(env, fn):
-    """(seconds, output) of one call of fn."""
+    """(wall seconds, CPU seconds of this process, output) of one call of fn."""
     env.sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with env.amp():
         out = fn()
     env.sync()
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 def compare(env, ours, ref, n, budget=8.0):
-    """(median s of ours, median s of ref, their last outputs, rounds). One warm-up call each (counted as the first
-    round when it took >= LONG s), then rounds that alternate which side goes first; cheap calls get more rounds,
-    up to `budget` seconds a side (at most 50)."""
-    ta, out_a = timed(env, ours)
-    tb, out_b = timed(env, ref)
-    rounds = max(n, min(50, int(budget / max(ta, tb, 1e-6))))
-    times = ([ta], [tb]) if max(ta, tb) >= LONG else ([], [])
-    for i in range(len(times[0]), rounds):
-        order = [(0, ours), (1, ref)] if i % 2 == 0 else [(1, ref), (0, ours)]
-        for side, fn in order:
-            t, out = timed(env, fn)
-            times[side].append(t)
-            out_a, out_b = (out, out_b) if side == 0 else (out_a, out)
-    return statistics.median(times[0]), statistics.median(times[1]), out_a, out_b, rounds
+    """Time ours() and ref(): one warm-up call each (counted as the first round when it took >= LONG s), then
+    rounds that alternate which side goes first; cheap calls get more rounds, up to `budget` s a side (at most 50).
+    Returns SimpleNamespace(wall=(ours, ref) medians, cpu=(ours, ref) medians of CPU time, out=(ours, ref) last
+    outputs, rounds). CPU time is steadier than wall time on a machine whose cores other processes share."""
+    first = [timed(env, ours), timed(env, ref)]
+    rounds = max(n, min(50, int(budget / max(first[0][0], first[1][0], 1e-6))))
+    runs = ([first[0]], [first[1]]) if max(first[0][0], first[1][0]) >= LONG else ([], [])
+    out = [first[0][2], first[1][2]]
+    for i in range(len(runs[0]), rounds):
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+            runs[side].append(timed(env, (ours, ref)[side]))
+            out[side] = runs[side][-1][2]
+    med = lambda k: tuple(statistics.median(r[k] for r in runs[side]) for side in (0, 1))  # noqa: E731
+    return SimpleNamespace(wall=med(0), cpu=med(1), out=out, rounds=rounds)
 
 
 def matmul_rate(env):
     """FLOP/s of one (N, N) @ (N, N) matmul in the env's dtype (N = 2048 on a CPU, 8192 in bf16 on a GPU)."""
     n, dtype = (2048, torch.float32) if env.device.type == "cpu" else (8192, torch.bfloat16)
     a, b = (torch.randn(n, n, device=env.device, dtype=dtype) for _ in range(2))
-    t = compare(env, lambda: a @ b, lambda: a @ b, 5, budget=2.0)[0]
-    return 2 * n ** 3 / t
+    return 2 * n ** 3 / compare(env, lambda: a @ b, lambda: a @ b, 5, budget=2.0).wall[0]
 
 
 def unet_flops(cfg, batch, side, tokens=77):
@@ -149,7 +149,7 @@ def sample_ours(bridge):
 
 
 # -----------------------------------------------------------------------------
-# the rows: each appends (case, ours s, reference s or None, rounds, notes) to `table`
+# the rows: each appends entry(case, compare() result, notes) tuples to `table`, one per case
 
 
 def row_unet(env, args, table):
@@ -162,12 +162,13 @@ def row_unet(env, args, table):
             ctx = torch.randn(batch, 77, 768, generator=g).to(env.device)
             t = torch.full((batch,), 500, device=env.device)
             with torch.inference_mode():
-                ta, tb, oa, ob, n = compare(env, lambda: ours(x, t, ctx), lambda: ref(x, t, ctx).sample, args.repeats)
-            flops, peak = unet_flops(ours.cfg, batch, side), env.matmul
-            table.append((f"U-Net forward sd14, batch {batch}, {side}x{side}", ta, tb, n,
-                          f"{flops / 1e9:.0f} GFLOP: ours {flops / ta / 1e9:.1f} GFLOP/s ({flops / ta / peak:.0%} of "
-                          f"matmul), ref {flops / tb / 1e9:.1f} ({flops / tb / peak:.0%}); max rel diff "
-                          f"{rel_err(oa, ob):.1e}"))
+                n = args.repeats if side == 32 else max(1, args.repeats - 1)  # 64x64 batch 2: ~40 s a call, 1 core
+                r = compare(env, lambda: ours(x, t, ctx), lambda: ref(x, t, ctx).sample, n)
+            flops, peak, (ta, tb) = unet_flops(ours.cfg, batch, side), env.matmul, r.wall
+            table.append(entry(f"U-Net forward sd14, batch {batch}, {side}x{side}", r,
+                               f"{flops / 1e9:.0f} GFLOP: ours {flops / ta / 1e9:.1f} GFLOP/s ({flops / ta / peak:.0%} "
+                               f"of matmul), ref {flops / tb / 1e9:.1f} ({flops / tb / peak:.0%}); max rel diff "
+                               f"{rel_err(*r.out):.1e}"))
 
 
 def row_sample(env, args, table):
@@ -192,10 +193,10 @@ def row_sample(env, args, table):
             img = (F.pixel_shuffle(x, 2) / 2 + 0.5).clamp(0, 1)  # the pixel codec's decode, as Bridge.sample
             return (img.permute(0, 2, 3, 1) * 255).to(torch.uint8).cpu()
 
-        ta, tb, oa, ob, n = compare(env, lambda: sample_ours(bridge), sample_ref, 1 if name == "sd14" else args.repeats)
-        diff = (oa.int() - ob.int()).abs().max().item()
-        table.append((f"sampling {name} U-Net, DDIM 10 steps + CFG, batch 1, 32x32", ta, tb, n,
-                      f"Bridge.sample vs diffusers UNet + DDIMScheduler loop; max |diff| {diff} of 255"))
+        r = compare(env, lambda: sample_ours(bridge), sample_ref, 1 if name == "sd14" else args.repeats)
+        diff = (r.out[0].int() - r.out[1].int()).abs().max().item()
+        table.append(entry(f"sampling {name} U-Net, DDIM 10 steps + CFG, batch 1, 32x32", r,
+                           f"Bridge.sample vs diffusers UNet + DDIMScheduler loop; max |diff| {diff} of 255"))
 
 
 def reference_adapter(d_in, d_mid, d_out):
@@ -280,33 +281,39 @@ def row_lora(env, args, table):
         mem[side] = json.loads(line[-1][4:])
     ours, n_ours = lora_step("ours", env)  # shared base weights: ours takes them before peft wraps the reference
     ref, n_ref = lora_step("ref", env)
-    ta, tb, _, _, n = compare(env, ours, ref, args.repeats)
+    r = compare(env, ours, ref, args.repeats)
     _PAIRS.clear()
     mb = {s: m["delta"] / 2 ** 20 for s, m in mem.items()}
-    table.append(("LoRA training step: T5-small-size LM + adapter + sd14 U-Net, 32x32, rank 32, batch 1", ta, tb, n,
-                  f"trainable {n_ours / 1e6:.1f}M / {n_ref / 1e6:.1f}M params; peak memory above the model "
-                  f"{mb['ours']:.0f} MB vs {mb['ref']:.0f} MB (ours/ref {mb['ours'] / mb['ref']:.2f}); "
-                  f"model {mem['ours']['base'] / 2 ** 30:.1f} / {mem['ref']['base'] / 2 ** 30:.1f} GB"))
+    table.append(entry("LoRA training step: T5-small-size LM + adapter + sd14 U-Net, 32x32, rank 32, batch 1", r,
+                       f"trainable {n_ours / 1e6:.1f}M / {n_ref / 1e6:.1f}M params; peak memory above the model "
+                       f"{mb['ours']:.0f} MB vs {mb['ref']:.0f} MB (ours/ref {mb['ours'] / mb['ref']:.2f}); "
+                       f"model {mem['ours']['base'] / 2 ** 30:.1f} / {mem['ref']['base'] / 2 ** 30:.1f} GB"))
 
 
 def row_merge(env, args, table):
-    """Sampling (ours, tiny U-Net, DDIM 10 steps + CFG) with a rank-32 LoRA merged, and unmerged, vs no LoRA."""
+    """Sampling (ours, tiny U-Net, DDIM 10 steps + CFG) with a rank-32 LoRA merged (Bridge.merge_lora's way), merged
+    and unwrapped (lora.unwrap_lora), and unmerged, each vs no LoRA. Every U-Net is a copy of one model, so that
+    their weights were allocated alike."""
     torch.manual_seed(0)
-    plain = UNet(UNET_PRESETS["tiny"]).to(env.device).eval()
-    lora = {}
-    for merged in (True, False):
-        m = copy.deepcopy(plain)
-        inject(m, LORA_TARGETS["unet"], RANK)
-        for p in lora_parameters(m):
-            nn.init.normal_(p, std=0.02)  # a trained-looking LoRA (up is zero at init)
-        if merged:
-            merge_lora(m)
-        lora[merged] = words_bridge(m, env)
-    base = words_bridge(plain, env)
-    for merged, what in ((True, "merged"), (False, "unmerged")):
-        ta, tb, _, _, n = compare(env, lambda: sample_ours(lora[merged]), lambda: sample_ours(base), args.repeats)
-        table.append((f"sampling tiny U-Net with LoRA {what} vs none (ours both)", ta, tb, n,
-                      "target <= 1.02x" if merged else "LoRA branches computed at every step"))
+    base = UNet(UNET_PRESETS["tiny"]).to(env.device).eval()
+    nets = {}
+    for what in ("none", "merged", "merged + unwrap_lora", "unmerged"):
+        nets[what] = m = copy.deepcopy(base)
+        if what != "none":
+            inject(m, LORA_TARGETS["unet"], RANK)
+            for p in lora_parameters(m):
+                nn.init.normal_(p, std=0.02)  # a trained-looking LoRA (up is zero at init)
+            if what != "unmerged":
+                merge_lora(m)
+            if what == "merged + unwrap_lora":
+                unwrap_lora(m)
+    bridges = {what: words_bridge(m, env) for what, m in nets.items()}
+    notes = {"merged": "target <= 1.02x; the LoRA wrappers stay (one extra module call per wrapped layer)",
+             "merged + unwrap_lora": "plain layers again", "unmerged": "LoRA branches computed at every step"}
+    for what, note in notes.items():
+        r = compare(env, lambda: sample_ours(bridges[what]), lambda: sample_ours(bridges["none"]), args.repeats,
+                    budget=20.0)
+        table.append(entry(f"sampling tiny U-Net with LoRA {what} vs none (ours both)", r, note))
 
 
 def row_shapes(env, args, table):
@@ -336,7 +343,7 @@ def row_shapes(env, args, table):
     for s, h in handlers.items():
         signal.signal(s, h)
     per_step = (secs[12] - secs[2]) / 10
-    table.append((f"train.py --preset shapes, batch {bs}: one step", per_step, None, 1,
+    table.append((f"train.py --preset shapes, batch {bs}: one step", per_step, None, None, None, 1,
                   f"**{bs / per_step:.1f} images/s** (vision {'shipped base' if vision == 'shapes' else 'random base'};"
                   f" 12-step run {secs[12]:.1f} s incl. setup)"))
 
@@ -344,9 +351,16 @@ def row_shapes(env, args, table):
 # -----------------------------------------------------------------------------
 
 
-def format_row(dev, case, ta, tb, n, notes):
+def entry(case, r, notes):
+    """A table row from a compare() result."""
+    return (case, *r.wall, *r.cpu, r.rounds, notes)
+
+
+def format_row(dev, case, ta, tb, ca, cb, n, notes):
+    cpu = f"{ca / cb:.2f}" if cb and dev.startswith("cpu") else "-"
     ratio = f"**{ta / tb:.2f}**" if tb else "-"
-    return f"| {dev} | {case} | {fmt_s(ta) if n else '-'} | {fmt_s(tb) if tb else '-'} | {ratio} | {n} | {notes} |"
+    return (f"| {dev} | {case} | {fmt_s(ta) if n else '-'} | {fmt_s(tb) if tb else '-'} | {ratio} | {cpu} | {n} | "
+            f"{notes} |")
 
 
 def machine():
@@ -387,7 +401,7 @@ def main(args):
                 globals()[f"row_{r}"](env, args, table)
             except Exception as e:  # one broken row must not cost the others' results
                 table.append((f"row {r} FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                              0.0, None, 0, ""))
+                              0.0, None, None, None, 0, ""))
             table[before:] = [(env.name,) + row for row in table[before:]]
             for row in table[before:]:
                 print(f"[{time.time() - t0:.0f} s] " + format_row(*row), file=sys.stderr)
@@ -396,7 +410,8 @@ def main(args):
         lines.append("- GPU rows skipped: no CUDA device on this machine")
     lines.append(f"- load average (1 min) at start {load0[0]:.1f}, at end {os.getloadavg()[0]:.1f} "
                  f"(other processes share the cores: ratios are fairer than absolute times)")
-    lines += ["", "| device | case | ours | reference | ours/ref | rounds | notes |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| device | case | ours | reference | ours/ref | ours/ref CPU time | rounds | notes |",
+              "|---|---|---|---|---|---|---|---|"]
     lines += [format_row(*row) for row in table]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from adapter import GlueNet, GlueNetConfig, TextAdapter
 from data import tokenize_words
 from dit import DiT
-from lora import LORA_TARGETS, import_release_list, inject, load_lora, load_release_file, lora_state_dict, merge_lora
+from lora import (LORA_TARGETS, import_release_list, inject, load_lora, load_release_file, lora_state_dict, merge_lora,
+                  unwrap_lora)
 from unet import UNet, UNetConfig, VAE, load_strict
 
 # -----------------------------------------------------------------------------
@@ -574,10 +575,11 @@ class Bridge(nn.Module):
         self.lora_vis_paths, self.lora_text_paths = [], []
         self.train_sched = DDPM(scheduler_config)
 
-    def merge_lora(self):
-        """Fold every LoRA into its base weight, for sampling at the speed of the plain model."""
-        merge_lora(self.denoiser)
-        merge_lora(self.text.model)
+    def merge_lora(self, unwrap=False):
+        """Fold every LoRA into its base weight, for sampling at the speed of the plain model; unwrap=True
+        also puts the plain layers back (no wrapper call per layer; no unmerge afterwards)."""
+        for m in (self.denoiser, self.text.model):
+            unwrap_lora(m, merge=True) if unwrap else merge_lora(m)
 
     @property
     def latent_channels(self):

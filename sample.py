@@ -121,7 +121,7 @@ def main(args):
     guidance = args.guidance if args.guidance is not None else (SHAPES_GUIDANCE if shapes else 7.5)
     prompts = [p for p in (args.prompt or (SHAPES_PROMPTS if shapes else ["a photograph of an astronaut riding a horse"]))
                for _ in range(args.n)]
-    bridge.merge_lora()
+    bridge.merge_lora(unwrap=True)  # sampling only: the plain layers, LoRA folded in
     imgs = bridge.sample(prompts, negative_prompt=args.negative_prompt, steps=steps, guidance=guidance,
                          height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler).numpy()
     out = args.out or (os.path.join(os.path.dirname(args.bridge), "grid.png") if shapes else "samples")
