@@ -2,9 +2,9 @@
 Train a bridge between a language model and a pretrained text-to-image model (LaVi-Bridge: LoRA in
 both + a TextAdapter), or the shapes world's base model. One script for one process or many:
 
-python train.py                                            # the shapes world on a CPU, ~6 min
-python train.py --preset shapes-base                       # the shapes base model itself
-torchrun --nproc_per_node 8 train.py --lm llama2 --vision sd14 --data train.tsv --dtype bf16 --compile
+python train.py                                            # the shapes world on 2 CPU cores, ~8 min
+python train.py --preset shapes-base                       # the shapes base model itself (~45 min)
+torchrun --nproc_per_node 8 train.py --lm llama2 --vision sd14 --data train.tsv --dtype bf16 --compile true
 """
 import argparse
 import functools
@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import fields
 from types import SimpleNamespace
 
 import numpy as np
@@ -545,9 +545,10 @@ def main(args):
 
 def write_samples(bridge, args, step):
     """A grid of the fixed sample prompts, OUT/samples/step_NNNNNN.png."""
-    from sample import save_grid
+    from sample import SHAPES_GUIDANCE, save_grid
     bridge.eval()
-    imgs = bridge.sample(args.sample_prompts.split("|"), steps=20, guidance=4.0, seed=0, progress=False)
+    guidance = SHAPES_GUIDANCE if is_shapes(args.vision) else 7.5  # the CFG sample.py uses for this model
+    imgs = bridge.sample(args.sample_prompts.split("|"), steps=20, guidance=guidance, seed=0, progress=False)
     bridge.train()
     save_grid(imgs, os.path.join(args.out, "samples", f"step_{step:06d}.png"))
 
