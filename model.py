@@ -25,7 +25,7 @@ from data import tokenize_words
 from dit import DiT
 from lora import (LORA_TARGETS, import_release_list, inject, load_lora, load_release_file, lora_state_dict, merge_lora,
                   unwrap_lora)
-from unet import UNet, UNetConfig, VAE, load_strict
+from unet import UNet, UNetConfig, VAE, find_weight_file, load_strict, load_weights, read_config
 
 # -----------------------------------------------------------------------------
 # schedulers: the schedule is computed once as tensors; timesteps(n), step(out, x, t, t_prev)
@@ -976,6 +976,131 @@ def load_shapes_base(path=SHAPES_BASE, dtype=torch.float32, device="cpu"):
 # native text encoders: the one a vision model was trained with, the target of text-only bridges
 
 
+@dataclass
+class LDMBertConfig:
+    """CompVis/ldm-text2im-large-256 bert/config.json (diffusers LDMBertConfig); the defaults are the release's."""
+    vocab_size: int = 30522
+    max_position_embeddings: int = 77
+    encoder_layers: int = 32
+    encoder_ffn_dim: int = 5120
+    encoder_attention_heads: int = 8
+    head_dim: int = 64  # attention width heads * head_dim = 512, not d_model
+    d_model: int = 1280
+    activation_function: str = "gelu"
+    dropout: float = 0.1  # embeddings and residual branches, in training
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d):
+        """From a bert/config.json dict: unknown keys ignored, a missing size an error."""
+        sizes = ("vocab_size", "max_position_embeddings", "encoder_layers", "encoder_ffn_dim",
+                 "encoder_attention_heads", "head_dim", "d_model")
+        missing = [k for k in sizes if k not in d]
+        if missing:
+            raise ValueError(f"LDMBert config.json lacks {missing}")
+        if d.get("activation_function", "gelu") not in LDMBERT_ACT:
+            raise ValueError(f"LDMBert activation {d['activation_function']!r} not supported ({', '.join(LDMBERT_ACT)})")
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+LDMBERT_ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+class LDMBertLayer(nn.Module):
+    """Pre-LN encoder block (BART layout): x + out(attn(ln(x))), x + fc2(act(fc1(ln(x)))); q/k/v have no bias."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, inner = cfg, cfg.encoder_attention_heads * cfg.head_dim
+        self.self_attn = nn.Module()
+        for name in ("k_proj", "v_proj", "q_proj"):  # the release's registration order
+            setattr(self.self_attn, name, nn.Linear(cfg.d_model, inner, bias=False))
+        self.self_attn.out_proj = nn.Linear(inner, cfg.d_model)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.fc1 = nn.Linear(cfg.d_model, cfg.encoder_ffn_dim)
+        self.fc2 = nn.Linear(cfg.encoder_ffn_dim, cfg.d_model)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x, bias=None):
+        """x: (B, T, C); bias: additive attention bias (B, 1, 1, T) or None."""
+        cfg, a, train = self.cfg, self.self_attn, self.training
+        B, T, _ = x.shape
+        h = self.self_attn_layer_norm(x)
+        q, k, v = (p(h).view(B, T, cfg.encoder_attention_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+                   for p in (a.q_proj, a.k_proj, a.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=cfg.attention_dropout if train else 0.0)
+        x = x + F.dropout(a.out_proj(y.transpose(1, 2).reshape(B, T, -1)), cfg.dropout, train)
+        h = F.dropout(LDMBERT_ACT[cfg.activation_function](self.fc1(self.final_layer_norm(x))), cfg.activation_dropout, train)
+        return x + F.dropout(self.fc2(h), cfg.dropout, train)
+
+
+class LDMBert(nn.Module):
+    """LDM's text encoder (diffusers LDMBertModel): token + learned position embeddings, pre-LN layers, a final
+    LayerNorm. Keys are the release's bert/ file (model.*, plus the unused MLM head to_logits.*)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.d_model),
+            embed_positions=nn.Embedding(cfg.max_position_embeddings, cfg.d_model),
+            layers=nn.ModuleList(LDMBertLayer(cfg) for _ in range(cfg.encoder_layers)),
+            layer_norm=nn.LayerNorm(cfg.d_model)))
+        self.to_logits = nn.Linear(cfg.d_model, cfg.vocab_size)
+
+    def forward(self, ids, mask=None):
+        """ids: (B, T), T <= max_position_embeddings; mask: (B, T) 1 = attend (keys only) or None -> (B, T, C).
+        As diffusers, masked keys get finfo.min, not -inf (a fully masked row attends evenly, no NaN).
+        The LDM pipeline passes no mask: it attends to its 77 padded tokens."""
+        m, T = self.model, ids.shape[1]
+        if T > self.cfg.max_position_embeddings:
+            raise ValueError(f"LDMBert takes at most {self.cfg.max_position_embeddings} tokens, got {T}")
+        x = m.embed_tokens(ids) + m.embed_positions(torch.arange(T, device=ids.device))  # (B, T, C)
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        bias = None
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(
+                mask.to(x.dtype) != 1, torch.finfo(x.dtype).min)[:, None, None, :]  # (B, 1, 1, T)
+        for layer in m.layers:
+            x = layer(x, bias)
+        return m.layer_norm(x)
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=torch.float32, device="cpu"):
+        """A pipeline's bert/ folder (config.json + weights), loaded strictly."""
+        cfg = read_config(folder)
+        if cfg is None:
+            raise FileNotFoundError(f"{folder}: no config.json (LDMBert's bert/ folder)")
+        sd = load_weights(find_weight_file(folder))
+        with torch.device("meta"):
+            model = cls(LDMBertConfig.from_dict(cfg))
+        return load_strict(model, sd, f"LDMBert {folder}").to(device, dtype).eval()
+
+
+class LDMBertEncoder(nn.Module):
+    """LDMBert with its BERT tokenizer under the LDM pipeline's recipe (77 tokens, padded, truncated, no mask to the
+    encoder or the U-Net): the tokenize / forward(ids, mask) / width interface of TextEncoder."""
+    tokenize = TextEncoder.tokenize
+
+    def __init__(self, tokenizer, model):
+        super().__init__()
+        self.tokenizer, self.model, self.recipe = tokenizer, model, TextRecipe(model.cfg.max_position_embeddings)
+        self.tokenizer.padding_side = "right"
+
+    @property
+    def width(self):
+        return self.model.cfg.d_model
+
+    def forward(self, ids, mask):
+        """ids, mask: (B, T) -> hidden (B, T, C) float32, None (no mask for the U-Net)."""
+        h = self.model(ids.to(self.model.to_logits.weight.device))
+        return (h if h.dtype == torch.float64 else h.float()), None
+
+    def encode(self, prompts):
+        return self(*self.tokenize(prompts))
+
+
 def token_count(text):
     """The fixed number of tokens a text encoder's tokenize() gives, or None when it pads to the batch's longest."""
     if isinstance(text, WordEncoder):
@@ -989,7 +1114,7 @@ def load_native_encoder(vision, dtype=torch.float32, device="cpu"):
     - shapes / shapes:PATH: the base model's own WordEncoder (16 words, mask to the U-Net);
     - a pipeline (VISION_PRESETS key or folder): text_encoder/ + tokenizer/ under the pipeline's recipe:
       CLIP (SD) 77 tokens padded, no mask; T5 (PixArt) 120 tokens, mask to T5 and to the DiT;
-      LDM's LDMBert (bert/) is not in transformers: NotImplementedError;
+      LDM: LDMBert (bert/ + tokenizer/) 77 tokens padded, no mask;
     - anything else: a language model (LM_PRESETS key, hub id or folder) under its own preset recipe,
       e.g. "clip" = openai/clip-vit-large-patch14, the text encoder of SD 1.x."""
     if is_shapes(vision):
@@ -1002,10 +1127,13 @@ def load_native_encoder(vision, dtype=torch.float32, device="cpu"):
         folder = vision
     if folder is None:
         return TextEncoder.load(vision, dtype=dtype, device=device).requires_grad_(False).eval()
-    if os.path.isdir(os.path.join(folder, "bert")):
-        raise NotImplementedError(f"{vision}: the native text encoder of LDM (CompVis/ldm-text2im-large-256) is "
-                                  f"LDMBert (bert/), which transformers does not provide and this repo does not "
-                                  f"implement: pass another --native (an LM or a pipeline with text_encoder/)")
+    if os.path.isdir(os.path.join(folder, "bert")):  # LDM: LDMBert + a BERT tokenizer
+        from transformers import AutoTokenizer
+        tok_dir = os.path.join(folder, "tokenizer")
+        if not os.path.isdir(tok_dir):
+            raise FileNotFoundError(f"{vision} has bert/ but no tokenizer/ for it")
+        model = LDMBert.from_pretrained(os.path.join(folder, "bert"), dtype=dtype, device=device)
+        return LDMBertEncoder(AutoTokenizer.from_pretrained(tok_dir), model).requires_grad_(False).eval()
     enc_dir, tok_dir = os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer")
     missing = [d for d in (enc_dir, tok_dir) if not os.path.isdir(d)]
     if missing:

@@ -2946,7 +2946,7 @@ def test_gluenet_bridge_checkpoint_roundtrip(issue6_base, tiny_t5, tmp_path):  #
 
 def test_native_encoders(tiny_t5, issue6_base, tmp_path):  # ~3 s
     """load_native_encoder: the shapes base model's WordEncoder; CLIP (SD) and T5 (PixArt) from a pipeline
-    folder's text_encoder/ + tokenizer/ under the pipeline's recipe; LDM's LDMBert a clear NotImplementedError."""
+    folder's text_encoder/ + tokenizer/ under the pipeline's recipe; LDM's bert/ + tokenizer/ as the LDM pipeline."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5EncoderModel
     torch.manual_seed(0)
     words = model.load_native_encoder(f"shapes:{issue6_base}")
@@ -2976,14 +2976,62 @@ def test_native_encoders(tiny_t5, issue6_base, tmp_path):  # ~3 s
     assert enc.recipe == model.PIXART_T5_RECIPE
     h, vmask = enc.encode(["a red circle"])
     assert h.shape == (1, 120, 32) and vmask.sum() == 4  # three words + </s>
-    ldm = tmp_path / "ldm"
+    ldm = tmp_path / "ldm"  # LDMBert + a BERT tokenizer, as the LDM pipeline: 77 padded tokens, no mask anywhere
     (ldm / "bert").mkdir(parents=True)
     (ldm / "model_index.json").write_text("{}")
-    with pytest.raises(NotImplementedError, match="LDMBert"):
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
         model.load_native_encoder(str(ldm))
+    _word_tokenizer(str(ldm / "tokenizer"), ["[PAD]", "[UNK]", "[CLS]", "[SEP]"], "[CLS] $A [SEP]", unk_index=1,
+                    unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
+    ref = _ldmbert_pair()[0]
+    ref.save_pretrained(str(ldm / "bert"))
+    enc = model.load_native_encoder(str(ldm))
+    assert isinstance(enc, model.LDMBertEncoder) and model.token_count(enc) == 77 and enc.width == 64
+    h, vmask = enc.encode(["a red circle"])
+    ids, _ = enc.tokenize(["a red circle"])
+    assert vmask is None and ids.shape == (1, 77) and ids[0, :5].tolist()[0] == 2 and ids[0, 5:].eq(0).all()
+    with torch.no_grad():
+        _close(h, ref(ids)[0], 1e-5)
     shutil.rmtree(sd / "text_encoder")
     with pytest.raises(FileNotFoundError, match="text_encoder"):
         model.load_native_encoder(str(sd))
+
+
+def _ldmbert_pair():
+    """A small diffusers LDMBertModel with perturbed random weights (biases, norms off their init) and ours."""
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=len(TOK_WORDS_MODEL) + 4, max_position_embeddings=77, encoder_layers=2, encoder_ffn_dim=128,
+                 encoder_attention_heads=2, head_dim=16, d_model=64)
+    ref = LDMBertModel(LDMBertConfig(**sizes)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    with torch.device("meta"):
+        ours = model.LDMBert(model.LDMBertConfig.from_dict(ref.config.to_dict()))
+    return ref, unet.load_strict(ours, ref.state_dict(), "LDMBert").eval()
+
+
+def test_ldmbert_matches_diffusers():  # < 1 s
+    """LDMBert (LDM's text encoder) equals diffusers' LDMBertModel with and without a mask; its keys, shapes and
+    order are the release's bert/ file; a config without its sizes is refused."""
+    ref, ours = _ldmbert_pair()
+    ids = torch.randint(0, ref.config.vocab_size, (3, 77))
+    mask = torch.ones(3, 77, dtype=torch.long)
+    mask[0, 10:] = 0
+    mask[1, ::3] = 0
+    with torch.no_grad():
+        for m in (None, mask):
+            assert rel_err(ours(ids, m), ref(ids, attention_mask=m)[0]) < 1e-5
+        assert (ours(ids, mask) - ours(ids)).abs().max() > 1e-2  # the mask matters, so the check can fail
+        assert rel_err(ours(ids[:, :12]), ref(ids[:, :12])[0]) < 1e-5
+        with pytest.raises(ValueError, match="at most 77"):
+            ours(torch.zeros(1, 78, dtype=torch.long))
+    with torch.device("meta"):
+        full = model.LDMBert(model.LDMBertConfig())
+    assert [(k, tuple(v.shape)) for k, v in full.state_dict().items()] == _reference_keys("ldm_bert.txt")
+    with pytest.raises(ValueError, match="d_model"):
+        model.LDMBertConfig.from_dict({k: v for k, v in asdict(model.LDMBertConfig()).items() if k != "d_model"})
 
 
 def test_text_pairs(tmp_path):  # < 1 s
