@@ -39,7 +39,7 @@ import data
 from adapter import TextAdapter
 from lora import LORA_TARGETS, inject, lora_parameters, merge_lora, unwrap_lora
 from model import DDPM, SD_SCHEDULER, Bridge, BridgeConfig, PixelCodec, WordEncoder, WordEncoderConfig
-from unet import UNET_PRESETS, UNet, load_strict
+from unet import UNET_PRESETS, UNet, load_strict, pack_convs
 
 ROWS = ("unet", "sample", "lora", "merge", "shapes")
 PROMPT, NEGATIVE = "a small red circle on the left", ""  # "": the CFG null caption, as Bridge.sample defaults
@@ -69,14 +69,15 @@ def timed(env, fn):
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
-def compare(env, ours, ref, n, budget=8.0):
-    """Time ours() and ref(): one warm-up call each (counted as the first round when it took >= LONG s), then
+def compare(env, ours, ref, n, budget=8.0, warmup=False):
+    """Time ours() and ref(): one warm-up call each (counted as the first round when it took >= LONG s, unless
+    warmup: calls whose first run does one-time work, such as packing conv weights), then
     rounds that alternate which side goes first; cheap calls get more rounds, up to `budget` s a side (at most 50).
     Returns SimpleNamespace(wall=(ours, ref) medians, cpu=(ours, ref) medians of CPU time, out=(ours, ref) last
     outputs, rounds). CPU time is steadier than wall time on a machine whose cores other processes share."""
     first = [timed(env, ours), timed(env, ref)]
     rounds = max(n, min(50, int(budget / max(first[0][0], first[1][0], 1e-6))))
-    runs = ([first[0]], [first[1]]) if max(first[0][0], first[1][0]) >= LONG else ([], [])
+    runs = ([first[0]], [first[1]]) if max(first[0][0], first[1][0]) >= LONG and not warmup else ([], [])
     out = [first[0][2], first[1][2]]
     for i in range(len(runs[0]), rounds):
         for side in ((0, 1) if i % 2 == 0 else (1, 0)):
@@ -128,6 +129,7 @@ def unet_pair(name, env):
         with torch.device("meta"):
             ours = UNet(UNET_PRESETS[name])
         load_strict(ours, ref.state_dict(), f"U-Net {name}")  # built on meta: assign=True, no copy
+        pack_convs(ours)  # as sample.py and train.py run it (on a CPU: weights reordered once; see unet.py)
         _PAIRS[key] = ref, ours.eval()
     return _PAIRS[key]
 
@@ -163,7 +165,7 @@ def row_unet(env, args, table):
             t = torch.full((batch,), 500, device=env.device)
             with torch.inference_mode():
                 n = args.repeats if side == 32 else max(1, args.repeats - 1)  # 64x64 batch 2: ~40 s a call, 1 core
-                r = compare(env, lambda: ours(x, t, ctx), lambda: ref(x, t, ctx).sample, n)
+                r = compare(env, lambda: ours(x, t, ctx), lambda: ref(x, t, ctx).sample, n, warmup=True)
             flops, peak, (ta, tb) = unet_flops(ours.cfg, batch, side), env.matmul, r.wall
             table.append(entry(f"U-Net forward sd14, batch {batch}, {side}x{side}", r,
                                f"{flops / 1e9:.0f} GFLOP: ours {flops / ta / 1e9:.1f} GFLOP/s ({flops / ta / peak:.0%} "
@@ -196,7 +198,8 @@ def row_sample(env, args, table):
         r = compare(env, lambda: sample_ours(bridge), sample_ref, 1 if name == "sd14" else args.repeats)
         diff = (r.out[0].int() - r.out[1].int()).abs().max().item()
         table.append(entry(f"sampling {name} U-Net, DDIM 10 steps + CFG, batch 1, 32x32", r,
-                           f"Bridge.sample vs diffusers UNet + DDIMScheduler loop; max |diff| {diff} of 255"))
+                           f"Bridge.sample vs diffusers UNet + DDIMScheduler loop; max |diff| {diff} of 255"
+                           + ("; one round, so ours includes packing its conv weights" if r.rounds == 1 else "")))
 
 
 def reference_adapter(d_in, d_mid, d_out):
@@ -281,7 +284,7 @@ def row_lora(env, args, table):
         mem[side] = json.loads(line[-1][4:])
     ours, n_ours = lora_step("ours", env)  # shared base weights: ours takes them before peft wraps the reference
     ref, n_ref = lora_step("ref", env)
-    r = compare(env, ours, ref, args.repeats)
+    r = compare(env, ours, ref, args.repeats, warmup=True)
     _PAIRS.clear()
     mb = {s: m["delta"] / 2 ** 20 for s, m in mem.items()}
     table.append(entry("LoRA training step: T5-small-size LM + adapter + sd14 U-Net, 32x32, rank 32, batch 1", r,

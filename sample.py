@@ -14,7 +14,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from model import Bridge, BridgeConfig, is_shapes, load_bridge, load_shapes_base, shapes_base_path
+from model import SCHEDULERS, Bridge, BridgeConfig, is_shapes, load_bridge, load_shapes_base, shapes_base_path
+from unet import pack_convs
 
 SHAPES_STEPS, SHAPES_GUIDANCE = 20, 1.5  # DDIM steps and CFG scale of the shapes world (measured: README)
 SHAPES_PROMPTS = ["a small red circle on the left", "a large blue square at the top",
@@ -44,12 +45,14 @@ def base_bridge(vision="shapes", device="cpu"):
     return Bridge(cfg, words, None, unet, codec, sched, kind).eval()
 
 
-def shapes_eval(bridge, n=48, steps=SHAPES_STEPS, guidance=SHAPES_GUIDANCE, seed=0, sets=("seen", "unseen", "paraphrase")):
+def shapes_eval(bridge, n=48, steps=SHAPES_STEPS, guidance=SHAPES_GUIDANCE, seed=0, sets=("seen", "unseen", "paraphrase"),
+                scheduler="ddim"):
     """{set: {attribute: accuracy}}: images for held-out captions, read back by data.analyze."""
     res = {}
     for name in tqdm(sets, desc="evaluating", leave=False):
         items = data.eval_set(name, n=n, seed=seed)
-        imgs = bridge.sample([c for c, _ in items], steps=steps, guidance=guidance, seed=seed, progress=False)
+        imgs = bridge.sample([c for c, _ in items], steps=steps, guidance=guidance, seed=seed, progress=False,
+                             scheduler=scheduler)
         res[name] = data.evaluate(imgs.numpy(), [a for _, a in items])
     return res
 
@@ -64,12 +67,13 @@ def format_eval(rows):
     return "\n".join(lines)
 
 
-def print_shapes_eval(bridge, n=48, before=None, device="cpu", sets=("seen", "unseen", "paraphrase")):
-    """The table of issue-5: base model with its own encoder, the bridge before and after training."""
-    rows = {"base model + own encoder": shapes_eval(base_bridge(bridge.cfg.vision, device), n=n, sets=sets)}
+def print_shapes_eval(bridge, n=48, before=None, device="cpu", sets=("seen", "unseen", "paraphrase"), **sampling):
+    """The table of issue-5: base model with its own encoder, the bridge before and after training.
+    sampling: steps, guidance, scheduler of shapes_eval, for both."""
+    rows = {"base model + own encoder": shapes_eval(base_bridge(bridge.cfg.vision, device), n=n, sets=sets, **sampling)}
     if before is not None:
         rows["bridge before training"] = before
-    rows["bridge after training"] = shapes_eval(bridge, n=n, sets=sets)
+    rows["bridge after training"] = shapes_eval(bridge, n=n, sets=sets, **sampling)
     print(format_eval(rows))
     return rows
 
@@ -88,8 +92,10 @@ def get_parser():
     p.add_argument("--negative-prompt", default="", help="negative prompt, encoded with the same recipe")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; shapes 20)")
-    p.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm"], help="sampler")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 7.5; shapes 3)")
+    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS),
+                   help="sampler (dpmsolver: DPM-Solver++ 2M, fewer steps)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance (default 7.5; shapes {SHAPES_GUIDANCE})")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (a CPU generator, as diffusers)")
@@ -122,6 +128,8 @@ def main(args):
     prompts = [p for p in (args.prompt or (SHAPES_PROMPTS if shapes else ["a photograph of an astronaut riding a horse"]))
                for _ in range(args.n)]
     bridge.merge_lora(unwrap=True)  # sampling only: the plain layers, LoRA folded in
+    if device.type == "cpu":  # oneDNN weight layouts made once, not at every step (unet.pack_convs)
+        pack_convs(bridge.denoiser)
     imgs = bridge.sample(prompts, negative_prompt=args.negative_prompt, steps=steps, guidance=guidance,
                          height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler).numpy()
     out = args.out or (os.path.join(os.path.dirname(args.bridge), "grid.png") if shapes else "samples")
@@ -139,7 +147,8 @@ def main(args):
     if args.eval:
         if not shapes:
             raise SystemExit("--eval measures the shapes world; this bridge is not one")
-        print_shapes_eval(bridge, n=args.eval_n, device=device, sets=tuple(args.eval_sets.split(",")))
+        print_shapes_eval(bridge, n=args.eval_n, device=device, sets=tuple(args.eval_sets.split(",")), steps=steps,
+                          guidance=guidance, scheduler=args.scheduler)
 
 
 if __name__ == "__main__":

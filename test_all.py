@@ -197,6 +197,56 @@ def test_tiny_preset_pixel_space():
     print("tiny U-Net params:", sum(p.numel() for p in model.parameters()))
 
 
+@pytest.mark.skipif(not unet.can_pack(), reason="no oneDNN in this torch build")
+def test_packed_convs():
+    """pack_convs: same state dict; the prepacked path (taken where the weight is large against the input) gives
+    F.conv2d's output and input gradient, strided too; a changed weight is repacked; trained and small weights take
+    nn.Conv2d's path; a tiny U-Net gives the same output packed. <2 s"""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(128, 128, 3, padding=1).requires_grad_(False)
+    keys = list(conv.state_dict())
+    unet.pack_convs(conv)
+    assert type(conv) is unet.PackedConv2d and list(conv.state_dict()) == keys
+    x = torch.randn(2, 128, 4, 4, requires_grad=True)  # weight 147k >= 5 x input 4k: packed
+    plain = lambda inp: nn.functional.conv2d(inp, conv.weight, conv.bias, padding=1)
+    y = conv(x)
+    assert conv._packed and rel_err(y, plain(x)) < 1e-5
+    g = torch.randn_like(y)
+    gx, = torch.autograd.grad(y, x, g)
+    gx_ref, = torch.autograd.grad(plain(x), x, g)
+    assert rel_err(gx, gx_ref) < 1e-5 and len(conv._packed) == 1
+    with torch.no_grad():
+        conv.weight.mul_(-2)  # as merge_lora does: in place
+        assert rel_err(conv(x), plain(x)) < 1e-5
+    conv._packed.clear()
+    conv.requires_grad_(True)
+    assert torch.equal(conv(x), plain(x)) and not conv._packed  # a weight that trains: nn.Conv2d's path
+    with torch.no_grad():
+        assert rel_err(conv(x), plain(x)) < 1e-5 and conv._packed  # ... but not in inference
+    conv.requires_grad_(False)
+    conv._packed.clear()
+    big = torch.randn(2, 128, 32, 32)  # weight < 5 x input: nn.Conv2d's path
+    with torch.no_grad():
+        assert torch.equal(conv(big), plain(big)) and not conv._packed
+    down = unet.pack_convs(nn.Conv2d(128, 128, 3, stride=2, padding=1).requires_grad_(False))
+    y = down(x)
+    gx, = torch.autograd.grad(y, x, torch.ones_like(y))
+    want = nn.functional.conv2d(x, down.weight, down.bias, stride=2, padding=1)
+    gx_ref, = torch.autograd.grad(want, x, torch.ones_like(want))
+    assert rel_err(y, want) < 1e-5 and rel_err(gx, gx_ref) < 1e-5 and down._packed  # strided, with a gradient
+    assert type(unet.pack_convs(conv, on=False)) is nn.Conv2d and not hasattr(conv, "_packed")
+    assert type(unet.pack_convs(nn.Conv2d(128, 128, 1))) is nn.Conv2d  # 1x1 convs are left alone
+    cfg = replace(unet.UNET_PRESETS["tiny"], block_out_channels=(64, 128, 256))
+    model = unet.UNet(cfg).eval()
+    x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 5, cfg.cross_attention_dim)
+    with torch.no_grad():
+        want = model(x, torch.tensor([1, 2]), ctx)
+        unet.pack_convs(model)
+        got = model(x, torch.tensor([1, 2]), ctx)
+    n_packed = sum(bool(getattr(m, "_packed", None)) for m in model.modules())
+    assert n_packed >= 4 and rel_err(got, want) < 1e-5
+
+
 def test_vae_parity_tiny_and_old_names(tmp_path):
     """Tiny AutoencoderKL: encode (mean, logvar) and decode; then the same file with the OLD attention names
     (query/key/value/proj_attn), as SD1.4's own vae/ has. ~1 s; measured rel err ~1e-7"""

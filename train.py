@@ -29,7 +29,7 @@ from model import (Bridge, BridgeConfig, PixelCodec, SHAPES_SCHEDULER, UNet, Wor
                    build_bridge, init_trainable, is_shapes, load_native_encoder, load_trainable, read_checkpoint,
                    save_checkpoint, save_shapes_base, shapes_unet_config, token_count, trainable_state_dict)
 from lora import lora_parameters
-from unet import set_grad_checkpointing
+from unet import pack_convs, set_grad_checkpointing
 
 # -----------------------------------------------------------------------------
 # presets: the release's recipes and the shapes world. Explicit flags override a preset.
@@ -383,6 +383,8 @@ def main(args):
                 p.data = p.data.to(ptdtype)
     if args.grad_checkpointing:  # recompute the vision model's blocks in backward instead of keeping activations
         set_grad_checkpointing(bridge.denoiser)
+    if device.type == "cpu" and not args.compile:  # frozen convs: oneDNN weight layouts made once, not every call
+        pack_convs(bridge.denoiser)
     groups = param_groups(bridge, args)
     trainable = [p for g in groups for p in g["params"]]
     if master:
