@@ -6,7 +6,7 @@ keys), same inputs, ours and the reference timed alternately, median of the repe
 pip install -r requirements-test.txt peft     # the references: diffusers (tests) and peft (bench only)
 python bench.py --quick                      # no 64x64 U-Net or sd14 sampling rows, fewer repeats (~7 min)
 python bench.py --out bench.md               # every row: ~20 min on one busy core (--threads 2 on free cores: less)
-python bench.py --rows unet,merge            # some rows: unet, sample, lora, merge, shapes
+python bench.py --rows unet,merge            # some rows: unet, sample, lora, merge, shapes, compile
 
 On a CUDA machine every row runs a second time in bf16 autocast. bench.py and the tests are the only files that
 import diffusers and peft (the reference implementations).
@@ -41,7 +41,7 @@ from lora import LORA_TARGETS, inject, lora_parameters, merge_lora, unwrap_lora
 from model import DDPM, SD_SCHEDULER, Bridge, BridgeConfig, PixelCodec, WordEncoder, WordEncoderConfig
 from unet import UNET_PRESETS, UNet, load_strict, pack_convs
 
-ROWS = ("unet", "sample", "lora", "merge", "shapes")
+ROWS = ("unet", "sample", "lora", "merge", "shapes", "compile")
 PROMPT, NEGATIVE = "a small red circle on the left", ""  # "": the CFG null caption, as Bridge.sample defaults
 T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8)  # t5-small sizes
 RANK = 32
@@ -349,6 +349,60 @@ def row_shapes(env, args, table):
     table.append((f"train.py --preset shapes, batch {bs}: one step", per_step, None, None, None, 1,
                   f"**{bs / per_step:.1f} images/s** (vision {'shipped base' if vision == 'shapes' else 'random base'};"
                   f" 12-step run {secs[12]:.1f} s incl. setup)"))
+
+
+def row_compile(env, args, table):
+    """Graph breaks of the training loss (Bridge.forward with LoRA in both models) under torch.compile, counted by
+    torch._dynamo.explain: the shapes bridge (MiniLM, mask to the LM and the U-Net), T5 and Llama + U-Net as
+    LaVi-Bridge trains SD (no mask), and T5 + DiT with the PixArt recipe (mask to T5 and the DiT); tiny sizes."""
+    import torch._dynamo
+    from transformers import T5Config, T5EncoderModel
+    import dit
+    import model
+    torch.manual_seed(0)
+
+    def lavi(denoiser, kind, recipe, side, llama=False):
+        if llama:
+            from transformers import LlamaConfig, LlamaModel
+            lm = LlamaModel(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=4))
+        else:
+            lm = T5EncoderModel(T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4))
+        text = model.TextEncoder(SimpleNamespace(pad_token="<pad>"), lm, recipe)  # ids are given: no tokenizer
+        width = denoiser.cfg.cross_attention_dim if kind == "unet" else denoiser.cfg.caption_channels
+        cfg = BridgeConfig(lm="lm", vision=kind, adapter="text", lora_rank=4)
+        bridge = Bridge(cfg, text, TextAdapter(64, 64, width), denoiser, PixelCodec(), dict(SD_SCHEDULER), kind)
+        bridge.requires_grad_(False)
+        for m, key in ((denoiser, kind), (lm, "llama" if llama else "t5")):
+            inject(m, LORA_TARGETS[key], 4)
+        bridge.adapter.requires_grad_(True)
+        return bridge, torch.randint(0, 100, (2, recipe.max_length)), side
+
+    llama_recipe = model.LM_PRESETS["llama2"][1]
+    cases = {"T5 + U-Net (LaVi-Bridge SD recipe)": lavi(UNet(UNET_PRESETS["tiny"]), "unet", model.TextRecipe(77), 32),
+             "Llama + U-Net (LaVi-Bridge recipe)": lavi(UNet(UNET_PRESETS["tiny"]), "unet", llama_recipe, 32, True),
+             "T5 + DiT (PixArt recipe, masks)": lavi(dit.DiT(dit.DIT_PRESETS["tiny"]), "dit", model.PIXART_T5_RECIPE, 8)}
+    if os.path.isfile(model.SHAPES_BASE):  # the shipped base model and the real MiniLM (tokenized prompts)
+        shapes = model.build_bridge(BridgeConfig(lm="minilm", vision="shapes", lora_rank=8, max_length=16))
+        cases = {"shapes: MiniLM + shapes U-Net": (shapes, None, 16), **cases}
+    for name, (bridge, ids, side) in cases.items():
+        bridge = bridge.to(env.device).train()
+        if ids is None:
+            ids, mask = bridge.text.tokenize(["a small red circle on the left", ""])
+        else:
+            mask = torch.ones_like(ids)
+            mask[1, 5:] = 0
+        c = bridge.latent_channels
+        lat, noise = torch.randn(2, c, side, side), torch.randn(2, c, side, side)
+        args_ = [a.to(env.device) for a in (lat, ids, mask, torch.tensor([10, 500]), noise)]
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        ex = torch._dynamo.explain(bridge)(*args_)
+        secs = time.perf_counter() - t0
+        reasons = "; ".join(sorted({str(r.reason).splitlines()[0][:80] for r in ex.break_reasons}))
+        table.append((f"torch.compile graph breaks, training loss: {name}", secs, None, None, None, 1,
+                      f"**{ex.graph_break_count} graph breaks**, {ex.graph_count} graph(s){': ' + reasons if reasons else ''}"
+                      f" (time: torch._dynamo.explain)"))
 
 
 # -----------------------------------------------------------------------------

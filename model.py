@@ -402,6 +402,15 @@ class TextEncoder(nn.Module):
             tokenizer.pad_token = recipe.pad_token
         elif tokenizer.pad_token is None:
             raise ValueError(f"the tokenizer of {model.config.model_type} has no pad token: set TextRecipe.pad_token")
+        if recipe.hidden != "last":
+            # transformers 5 collects hidden_states by hooks it installs on first use, under a lock that
+            # torch.compile cannot trace (a graph break in every compiled step): install them now
+            try:
+                from transformers.utils.output_capturing import maybe_install_capturing_hooks
+            except ImportError:  # older transformers: no hooks, nothing to do
+                pass
+            else:
+                maybe_install_capturing_hooks(model)
 
     @classmethod
     def load(cls, name_or_path, recipe=None, dtype=torch.float32, device="cpu", tokenizer_path=None):

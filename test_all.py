@@ -1158,6 +1158,23 @@ def test_t5_encoder_recipes(tmp_path):
         enc.tokenize(PROMPTS[0])
 
 
+def test_llama_text_encoder_compiles_whole():  # ~3 s
+    """The Llama recipe (hidden_states[-1]) traces as one graph under torch.compile, from the very first call:
+    transformers' hidden-state hooks are installed when the encoder is built, not under a lock in the step."""
+    import torch._dynamo
+    from types import SimpleNamespace
+    from transformers import LlamaConfig, LlamaModel
+    torch.manual_seed(0)
+    lm = LlamaModel(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4)).requires_grad_(False)
+    enc = model.TextEncoder(SimpleNamespace(pad_token="[PAD]"), lm, model.LM_PRESETS["llama2"][1])
+    lora.inject(lm, lora.LORA_TARGETS["llama"], 4)
+    ids = torch.randint(0, 100, (2, 77))
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(lambda i, m: enc(i, m)[0])(ids, torch.ones_like(ids))
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, [str(r.reason)[:200] for r in ex.break_reasons]
+
+
 def test_llama_recipe_pad_is_unk_and_base_model(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
     torch.manual_seed(0)
