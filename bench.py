@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import re
-import resource
 import signal
 import statistics
 import subprocess
@@ -260,13 +259,16 @@ def lora_memory(side, env):
         torch.cuda.reset_peak_memory_stats()
     else:
         base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        with open("/proc/self/clear_refs", "w") as f:  # resets the peak RSS (ru_maxrss) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:  # resets the peak RSS (VmHWM) to the current RSS
             f.write("5")
     for _ in range(2):
         with env.amp():
             step()
-    peak = torch.cuda.max_memory_allocated() if env.device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if env.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:  # VmHWM, not getrusage's ru_maxrss: that one also keeps the peak of exited threads, which clear_refs misses
+        with open("/proc/self/status") as f:
+            peak = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
     print("MEM " + json.dumps({"base": base, "delta": peak - base}))
 
 
