@@ -2,7 +2,7 @@
 Train a bridge between a language model and a pretrained text-to-image model (LaVi-Bridge: LoRA in
 both + a TextAdapter), or the shapes world's base model. One script for one process or many:
 
-python train.py                                            # the shapes world on 2 CPU cores, ~8 min
+python train.py                                            # the shapes world on 2 CPU cores, ~6 min
 python train.py --preset shapes-base                       # the shapes base model itself (~45 min)
 torchrun --nproc_per_node 8 train.py --lm llama2 --vision sd14 --data train.tsv --dtype bf16 --compile true
 """
