@@ -40,7 +40,7 @@ DEFAULTS = dict(
     data="shapes", size=512, flip=True, latent_cache="", num_workers=2,
     steps=1000, batch_size=1, grad_accum=1, lr_vision=1e-4, lr_lm=5e-6, lr_adapter=1e-4, weight_decay=1e-2,
     warmup=500, grad_clip=1.0, caption_dropout=0.0, ema=0.0,
-    dtype="fp32", compile=False, grad_checkpointing=False, device="", seed=0,
+    dtype="fp32", compile=False, grad_checkpointing=False, pack_convs=True, device="", seed=0,
     out="out/bridge", resume=False, init_from="", log_every=10, save_every=500, sample_every=0,
     sample_prompts="a photo of a cat|a red car in the snow", eval=False, eval_n=48, eval_sets="seen,unseen,paraphrase",
     # text-only methods (gluenet, align): GlueGen's loss weights and scales, OmniDiffusion's stage-1 loss
@@ -134,6 +134,8 @@ def get_parser():
                    help="AMP compute dtype (bf16/fp16: CUDA only); fp64 for exact numerical checks")
     p.add_argument("--compile", type=b, help="torch.compile the bridge")
     p.add_argument("--grad-checkpointing", type=b, help="recompute vision activations in backward")
+    p.add_argument("--pack-convs", type=b, help="CPU: frozen conv weights laid out once for oneDNN (faster; the big "
+                                                "ones take up to twice their memory again)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--seed", type=int, help="seed of data order, noise and init")
     # output
@@ -384,7 +386,7 @@ def main(args):
                 p.data = p.data.to(ptdtype)
     if args.grad_checkpointing:  # recompute the vision model's blocks in backward instead of keeping activations
         set_grad_checkpointing(bridge.denoiser)
-    if device.type == "cpu" and not args.compile:  # frozen convs: oneDNN weight layouts made once, not every call
+    if device.type == "cpu" and args.pack_convs and not args.compile:  # oneDNN weight layouts made once, not every call
         pack_convs(bridge.denoiser)
     groups = param_groups(bridge, args)
     trainable = [p for g in groups for p in g["params"]]

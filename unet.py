@@ -128,14 +128,15 @@ def set_grad_checkpointing(model, on=True):
 PACK_MIN_RATIO = 5
 
 
-def _packed_conv(x, conv):
-    return torch.ops.mkldnn._convolution_pointwise(x.contiguous(), conv.packed_weight(x.shape), conv.bias, conv.padding,
+def _packed_conv(x, conv, transposed=False):
+    w, pad = conv.packed_weight(x.shape, transposed)
+    return torch.ops.mkldnn._convolution_pointwise(x.contiguous(), w, None if transposed else conv.bias, pad,
                                                    conv.stride, conv.dilation, conv.groups, "none", [], "")
 
 
 class _FrozenPackedConv(torch.autograd.Function):
-    """conv2d with a frozen, prepacked weight; the gradient reaches the input only (through the plain weight,
-    so that training keeps one packed copy)."""
+    """conv2d with a frozen, prepacked weight. The gradient reaches the input only: for stride 1 it is the conv
+    of the output gradient with the flipped, transposed weight, itself packed; strided convs use the plain weight."""
 
     @staticmethod
     def forward(ctx, x, conv):
@@ -145,6 +146,8 @@ class _FrozenPackedConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         c = ctx.conv
+        if c.stride == (1, 1):
+            return _packed_conv(grad, c, transposed=True), None
         return torch.nn.grad.conv2d_input(ctx.shape, c.weight, grad, c.stride, c.padding, c.dilation, c.groups), None
 
 
@@ -152,17 +155,23 @@ class PackedConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same state-dict keys) that, on a CPU in float32, hands oneDNN a weight
     reordered once per input shape when the weight is large against the input (PACK_MIN_RATIO) and does not
     train: sampling, and the frozen base of a LoRA layer. Anything else (CUDA, other dtypes, a weight that
-    trains, small weights) takes nn.Conv2d's path. A packed copy costs the weight's memory once more; it is
-    rebuilt when the weight changes in place (merge_lora). pack_convs() turns a model's Conv2d layers into these."""
+    trains, small weights) takes nn.Conv2d's path. Each packed copy costs the weight's memory once more (in
+    training two: forward, and backward to the input); they are rebuilt when the weight changes in place
+    (merge_lora). pack_convs() turns a model's Conv2d layers into these."""
 
-    def packed_weight(self, shape):
+    def packed_weight(self, shape, transposed=False):
+        """(packed weight, padding) for an input of this shape; transposed: for the gradient of the input."""
         version = (self.weight._version, self.weight.data_ptr())
         if getattr(self, "_packed_version", None) != version:  # new or changed weight: drop every packed copy
             self._packed, self._packed_version = {}, version
-        key = tuple(shape)
+        key = (tuple(shape), transposed)
         if key not in self._packed:
+            w, pad = self.weight.detach(), self.padding
+            if transposed:  # grad_input = conv(grad, w^T flipped, padding d * (k - 1) - p), stride 1
+                w = w.transpose(0, 1).flip(2, 3).contiguous()
+                pad = tuple(d * (k - 1) - p for k, p, d in zip(self.kernel_size, self.padding, self.dilation))
             self._packed[key] = torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, list(shape))
+                w, pad, self.stride, self.dilation, self.groups, list(shape)), pad
         return self._packed[key]
 
     def forward(self, x):
