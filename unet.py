@@ -136,7 +136,7 @@ def _packed_conv(x, conv, transposed=False):
 
 class _FrozenPackedConv(torch.autograd.Function):
     """conv2d with a frozen, prepacked weight. The gradient reaches the input only: for stride 1 it is the conv
-    of the output gradient with the flipped, transposed weight, itself packed; strided convs use the plain weight."""
+    of the output gradient with the flipped, transposed weight, itself packed; other convs use the plain weight."""
 
     @staticmethod
     def forward(ctx, x, conv):
@@ -146,7 +146,7 @@ class _FrozenPackedConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         c = ctx.conv
-        if c.stride == (1, 1):
+        if c.stride == (1, 1) and all(d * (k - 1) >= p for k, p, d in zip(c.kernel_size, c.padding, c.dilation)):
             return _packed_conv(grad, c, transposed=True), None
         return torch.nn.grad.conv2d_input(ctx.shape, c.weight, grad, c.stride, c.padding, c.dilation, c.groups), None
 
