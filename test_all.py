@@ -218,6 +218,8 @@ def test_packed_convs():
     with torch.no_grad():
         conv.weight.mul_(-2)  # as merge_lora does: in place
         assert rel_err(conv(x), plain(x)) < 1e-5
+        x1 = x[:1]  # another input shape: repacked, one copy kept
+        assert rel_err(conv(x1), plain(x1)) < 1e-5 and conv._packed[False][0] == tuple(x1.shape)
     conv._packed.clear()
     conv.requires_grad_(True)
     assert torch.equal(conv(x), plain(x)) and not conv._packed  # a weight that trains: nn.Conv2d's path

@@ -122,7 +122,7 @@ def set_grad_checkpointing(model, on=True):
 
 
 # CPU: oneDNN reorders a conv weight into its blocked layout at EVERY call; for the deep levels of a U-Net (many
-# channels, few pixels) that reorder costs more than the convolution. PackedConv2d reorders once per input shape.
+# channels, few pixels) that reorder costs more than the convolution. PackedConv2d reorders once.
 # Measured (fp32, one thread, 3x3 convs of the sd14 U-Net's sizes): where weight.numel() >= 5 x input.numel() the
 # packed conv takes 0.3-0.9x the time of F.conv2d (0.3x: 1280 channels at 8x8); below that, 0.9-1.7x: left alone.
 PACK_MIN_RATIO = 5
@@ -155,24 +155,26 @@ class PackedConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same state-dict keys) that, on a CPU in float32, hands oneDNN a weight
     reordered once per input shape when the weight is large against the input (PACK_MIN_RATIO) and does not
     train: sampling, and the frozen base of a LoRA layer. Anything else (CUDA, other dtypes, a weight that
-    trains, small weights) takes nn.Conv2d's path. Each packed copy costs the weight's memory once more (in
-    training two: forward, and backward to the input); they are rebuilt when the weight changes in place
-    (merge_lora). pack_convs() turns a model's Conv2d layers into these."""
+    trains, small weights) takes nn.Conv2d's path. The packed copy costs the weight's memory once more (in
+    training twice: forward, and backward to the input); it is rebuilt when the weight changes in place
+    (merge_lora) or the input shape changes. pack_convs() turns a model's Conv2d layers into these."""
 
     def packed_weight(self, shape, transposed=False):
-        """(packed weight, padding) for an input of this shape; transposed: for the gradient of the input."""
+        """(packed weight, padding) for an input of this shape; transposed: for the gradient of the input.
+        One copy per direction is kept, for the last input shape (a new shape repacks)."""
         version = (self.weight._version, self.weight.data_ptr())
         if getattr(self, "_packed_version", None) != version:  # new or changed weight: drop every packed copy
             self._packed, self._packed_version = {}, version
-        key = (tuple(shape), transposed)
-        if key not in self._packed:
+        shape = tuple(shape)
+        if (self._packed.get(transposed) or (None,))[0] != shape:
             w, pad = self.weight.detach(), self.padding
             if transposed:  # grad_input = conv(grad, w^T flipped, padding d * (k - 1) - p), stride 1
                 w = w.transpose(0, 1).flip(2, 3).contiguous()
                 pad = tuple(d * (k - 1) - p for k, p, d in zip(self.kernel_size, self.padding, self.dilation))
-            self._packed[key] = torch.ops.mkldnn._reorder_convolution_weight(
+            self._packed[transposed] = None  # free the old copy before making the new one
+            self._packed[transposed] = shape, torch.ops.mkldnn._reorder_convolution_weight(
                 w, pad, self.stride, self.dilation, self.groups, list(shape)), pad
-        return self._packed[key]
+        return self._packed[transposed][1:]
 
     def forward(self, x):
         w, grad = self.weight, torch.is_grad_enabled()
