@@ -2455,8 +2455,8 @@ def test_sample_matches_official_recipe(world, tmp_path, combo):
     release = str(tmp_path / "release")
     make_release(release, combo, lm, vis, seed=7)
     adapter = load_adapter(os.path.join(release, "adapter"))
-    vis_loras = ref_inject(vis, COMBOS[combo][2], torch.load(os.path.join(release, "lora_vis.pt")))
-    loras = vis_loras + ref_inject(lm, COMBOS[combo][3], torch.load(os.path.join(release, "lora_text.pt")))
+    vis_loras = ref_inject(vis, COMBOS[combo][2], torch.load(os.path.join(release, "lora_vis.pt"), weights_only=True))
+    loras = vis_loras + ref_inject(lm, COMBOS[combo][3], torch.load(os.path.join(release, "lora_text.pt"), weights_only=True))
     for m in loras:
         m.on = False
     ref_plain = reference_sample(combo, tok, lm, adapter, vis, vae, sched_json, PROMPT, seed)
@@ -2569,7 +2569,7 @@ def test_bad_release_folders(world, t5_release, tmp_path):
     # a LoRA list one pair short
     short = str(tmp_path / "short")
     shutil.copytree(t5_release, short)
-    lst = torch.load(os.path.join(short, "lora_vis.pt"))
+    lst = torch.load(os.path.join(short, "lora_vis.pt"), weights_only=True)
     torch.save(lst[:-2], os.path.join(short, "lora_vis.pt"))
     with pytest.raises(ValueError, match=rf"has {len(lst) - 2} tensors .* expected {len(lst) // 2} pairs"):
         _bad(world, short)
