@@ -25,7 +25,7 @@ from data import tokenize_words
 from dit import DiT
 from lora import (LORA_TARGETS, import_release_list, inject, load_lora, load_release_file, lora_state_dict, merge_lora,
                   unwrap_lora)
-from unet import UNet, UNetConfig, VAE, find_weight_file, load_strict, load_weights, read_config
+from unet import UNet, UNetConfig, VAE, _dataclass_from_dict, find_weight_file, load_strict, load_weights, read_config
 
 # -----------------------------------------------------------------------------
 # schedulers: the schedule is computed once as tensors; timesteps(n), step(out, x, t, t_prev)
@@ -987,6 +987,9 @@ def load_shapes_base(path=SHAPES_BASE, dtype=torch.float32, device="cpu"):
 # native text encoders: the one a vision model was trained with, the target of text-only bridges
 
 
+LDMBERT_ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
 @dataclass
 class LDMBertConfig:
     """CompVis/ldm-text2im-large-256 bert/config.json (diffusers LDMBertConfig); the defaults are the release's."""
@@ -1012,10 +1015,7 @@ class LDMBertConfig:
             raise ValueError(f"LDMBert config.json lacks {missing}")
         if d.get("activation_function", "gelu") not in LDMBERT_ACT:
             raise ValueError(f"LDMBert activation {d['activation_function']!r} not supported ({', '.join(LDMBERT_ACT)})")
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-
-LDMBERT_ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+        return _dataclass_from_dict(cls, d)
 
 
 class LDMBertLayer(nn.Module):
@@ -1092,7 +1092,7 @@ class LDMBert(nn.Module):
 class LDMBertEncoder(nn.Module):
     """LDMBert with its BERT tokenizer under the LDM pipeline's recipe (77 tokens, padded, truncated, no mask to the
     encoder or the U-Net): the tokenize / forward(ids, mask) / width interface of TextEncoder."""
-    tokenize = TextEncoder.tokenize
+    tokenize, encode = TextEncoder.tokenize, TextEncoder.encode
 
     def __init__(self, tokenizer, model):
         super().__init__()
@@ -1108,8 +1108,6 @@ class LDMBertEncoder(nn.Module):
         h = self.model(ids.to(self.model.to_logits.weight.device))
         return (h if h.dtype == torch.float64 else h.float()), None
 
-    def encode(self, prompts):
-        return self(*self.tokenize(prompts))
 
 
 def token_count(text):

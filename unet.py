@@ -134,6 +134,13 @@ def _packed_conv(x, conv, transposed=False):
                                                    conv.stride, conv.dilation, conv.groups, "none", [], "")
 
 
+def _grad_padding(conv):
+    """Padding of the conv that gives a stride-1 conv's input gradient from its output gradient with the flipped,
+    transposed weight: d * (k - 1) - p per side; None where that does not apply (strides, negative padding)."""
+    pad = tuple(d * (k - 1) - p for k, p, d in zip(conv.kernel_size, conv.padding, conv.dilation))
+    return pad if conv.stride == (1, 1) and min(pad) >= 0 else None
+
+
 class _FrozenPackedConv(torch.autograd.Function):
     """conv2d with a frozen, prepacked weight. The gradient reaches the input only: for stride 1 it is the conv
     of the output gradient with the flipped, transposed weight, itself packed; other convs use the plain weight."""
@@ -146,7 +153,7 @@ class _FrozenPackedConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         c = ctx.conv
-        if c.stride == (1, 1) and all(d * (k - 1) >= p for k, p, d in zip(c.kernel_size, c.padding, c.dilation)):
+        if _grad_padding(c) is not None:
             return _packed_conv(grad, c, transposed=True), None
         return torch.nn.grad.conv2d_input(ctx.shape, c.weight, grad, c.stride, c.padding, c.dilation, c.groups), None
 
@@ -168,9 +175,8 @@ class PackedConv2d(nn.Conv2d):
         shape = tuple(shape)
         if (self._packed.get(transposed) or (None,))[0] != shape:
             w, pad = self.weight.detach(), self.padding
-            if transposed:  # grad_input = conv(grad, w^T flipped, padding d * (k - 1) - p), stride 1
-                w = w.transpose(0, 1).flip(2, 3).contiguous()
-                pad = tuple(d * (k - 1) - p for k, p, d in zip(self.kernel_size, self.padding, self.dilation))
+            if transposed:  # grad_input = conv(grad, w^T flipped, _grad_padding)
+                w, pad = w.transpose(0, 1).flip(2, 3).contiguous(), _grad_padding(self)
             self._packed[transposed] = None  # free the old copy before making the new one
             self._packed[transposed] = shape, torch.ops.mkldnn._reorder_convolution_weight(
                 w, pad, self.stride, self.dilation, self.groups, list(shape)), pad
