@@ -38,7 +38,7 @@ import data
 from adapter import TextAdapter
 from lora import LORA_TARGETS, inject, lora_parameters, merge_lora, unwrap_lora
 from model import DDPM, SD_SCHEDULER, Bridge, BridgeConfig, PixelCodec, WordEncoder, WordEncoderConfig
-from unet import UNET_PRESETS, UNet, load_strict, pack_convs
+from unet import UNET_PRESETS, UNet, cpu_layout, load_strict
 
 ROWS = ("unet", "sample", "lora", "merge", "shapes", "compile")
 PROMPT, NEGATIVE = "a small red circle on the left", ""  # "": the CFG null caption, as Bridge.sample defaults
@@ -128,7 +128,8 @@ def unet_pair(name, env):
         with torch.device("meta"):
             ours = UNet(UNET_PRESETS[name])
         load_strict(ours, ref.state_dict(), f"U-Net {name}")  # built on meta: assign=True, no copy
-        pack_convs(ours)  # as sample.py and train.py run it (on a CPU: weights reordered once; see unet.py)
+        if env.device.type == "cpu":  # as sample.py and train.py run it: channels-last, weights packed once
+            cpu_layout(ours)
         _PAIRS[key] = ref, ours.eval()
     return _PAIRS[key]
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import data
 from model import SCHEDULERS, Bridge, BridgeConfig, is_shapes, load_bridge, load_shapes_base, shapes_base_path
-from unet import pack_convs
+from unet import cpu_layout
 
 SHAPES_STEPS, SHAPES_GUIDANCE = 20, 1.5  # DDIM steps and CFG scale of the shapes world (measured: README)
 SHAPES_PROMPTS = ["a small red circle on the left", "a large blue square at the top",
@@ -128,8 +128,8 @@ def main(args):
     prompts = [p for p in (args.prompt or (SHAPES_PROMPTS if shapes else ["a photograph of an astronaut riding a horse"]))
                for _ in range(args.n)]
     bridge.merge_lora(unwrap=True)  # sampling only: the plain layers, LoRA folded in
-    if device.type == "cpu":  # oneDNN weight layouts made once, not at every step (unet.pack_convs)
-        pack_convs(bridge.denoiser)
+    if device.type == "cpu":  # channels-last, conv weights laid out for oneDNN once, not at every step
+        cpu_layout(bridge.denoiser)
     imgs = bridge.sample(prompts, negative_prompt=args.negative_prompt, steps=steps, guidance=guidance,
                          height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler).numpy()
     out = args.out or (os.path.join(os.path.dirname(args.bridge), "grid.png") if shapes else "samples")

@@ -247,6 +247,33 @@ def test_packed_convs():
         got = model(x, torch.tensor([1, 2]), ctx)
     n_packed = sum(bool(getattr(m, "_packed", None)) for m in model.modules())
     assert n_packed >= 4 and rel_err(got, want) < 1e-5
+    unet.cpu_layout(model)  # + channels-last: same numbers, a contiguous output
+    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = model(x, torch.tensor([1, 2]), ctx)
+    assert got.is_contiguous() and rel_err(got, want) < 1e-5
+    unet.cpu_layout(model, on=False)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert not any(isinstance(m, unet.PackedConv2d) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x, torch.tensor([1, 2]), ctx), want)
+
+
+def test_feed_forward_row_blocks(monkeypatch):
+    """On a CPU the feed-forward runs in blocks of FF_CPU_ROWS rows: the same output and gradients as in one go."""
+    torch.manual_seed(0)
+    ff = unet.FeedForward(16)
+    x = torch.randn(2, 20, 16, requires_grad=True)
+    want = ff(x)
+    gx_want, gw_want = torch.autograd.grad(want.square().sum(), (x, ff.net[0].proj.weight))
+    monkeypatch.setattr(unet, "FF_CPU_ROWS", 7)  # 40 rows: blocks of 7, the last of 5
+    blocks = []
+    ff.net[0].register_forward_hook(lambda m, inp, out: blocks.append(inp[0].shape[0]))
+    got = ff(x)
+    assert blocks == [7] * 5 + [5]
+    gx, gw = torch.autograd.grad(got.square().sum(), (x, ff.net[0].proj.weight))
+    assert got.shape == want.shape and rel_err(got, want) < 1e-6
+    assert rel_err(gx, gx_want) < 1e-6 and rel_err(gw, gw_want) < 1e-6
 
 
 def test_vae_parity_tiny_and_old_names(tmp_path):

@@ -29,7 +29,7 @@ from model import (Bridge, BridgeConfig, PixelCodec, SHAPES_SCHEDULER, UNet, Wor
                    build_bridge, init_trainable, is_shapes, load_native_encoder, load_trainable, read_checkpoint,
                    save_checkpoint, save_shapes_base, shapes_unet_config, token_count, trainable_state_dict)
 from lora import lora_parameters
-from unet import pack_convs, set_grad_checkpointing
+from unet import cpu_layout, set_grad_checkpointing
 
 # -----------------------------------------------------------------------------
 # presets: the release's recipes and the shapes world. Explicit flags override a preset.
@@ -40,7 +40,7 @@ DEFAULTS = dict(
     data="shapes", size=512, flip=True, latent_cache="", num_workers=2,
     steps=1000, batch_size=1, grad_accum=1, lr_vision=1e-4, lr_lm=5e-6, lr_adapter=1e-4, weight_decay=1e-2,
     warmup=500, grad_clip=1.0, caption_dropout=0.0, ema=0.0,
-    dtype="fp32", compile=False, grad_checkpointing=False, pack_convs=True, device="", seed=0,
+    dtype="fp32", compile=False, grad_checkpointing=False, cpu_layout=True, device="", seed=0,
     out="out/bridge", resume=False, init_from="", log_every=10, save_every=500, sample_every=0,
     sample_prompts="a photo of a cat|a red car in the snow", eval=False, eval_n=48, eval_sets="seen,unseen,paraphrase",
     # text-only methods (gluenet, align): GlueGen's loss weights and scales, OmniDiffusion's stage-1 loss
@@ -134,8 +134,8 @@ def get_parser():
                    help="AMP compute dtype (bf16/fp16: CUDA only); fp64 for exact numerical checks")
     p.add_argument("--compile", type=b, help="torch.compile the bridge")
     p.add_argument("--grad-checkpointing", type=b, help="recompute vision activations in backward")
-    p.add_argument("--pack-convs", type=b, help="CPU: frozen conv weights laid out once for oneDNN (faster; the big "
-                                                "ones take up to twice their memory again)")
+    p.add_argument("--cpu-layout", type=b, help="CPU: channels-last activations, frozen conv weights laid out once for "
+                                                "oneDNN (faster; the big ones take up to twice their memory again)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--seed", type=int, help="seed of data order, noise and init")
     # output
@@ -386,8 +386,8 @@ def main(args):
                 p.data = p.data.to(ptdtype)
     if args.grad_checkpointing:  # recompute the vision model's blocks in backward instead of keeping activations
         set_grad_checkpointing(bridge.denoiser)
-    if device.type == "cpu" and args.pack_convs and not args.compile:  # oneDNN weight layouts made once, not every call
-        pack_convs(bridge.denoiser)
+    if device.type == "cpu" and args.cpu_layout and not args.compile:  # channels-last, conv weights packed once
+        cpu_layout(bridge.denoiser)
     groups = param_groups(bridge, args)
     trainable = [p for g in groups for p in g["params"]]
     if master:
