@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from unet import checkpointed, find_weight_file, load_strict, load_weights, read_config
+from unet import build_and_load, checkpointed, find_weight_file, load_weights, read_config
 
 # -----------------------------------------------------------------------------
 # config
@@ -375,11 +375,7 @@ class DiT(nn.Module):
             pos_tokens = pos.shape[1] if pos is not None else None
             sd = convert_state_dict(sd, what=path)
             cfg = config or infer_config(sd, pos_tokens)
-        with torch.device("meta"):
-            model = cls(cfg)
-        model = model.to(dtype)
-        load_strict(model, sd, what=f"DiT from {path}")
-        return model.to(device).eval()
+        return build_and_load(lambda: cls(cfg), sd, f"DiT from {path}", dtype, device)
 
 
 # -----------------------------------------------------------------------------

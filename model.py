@@ -25,7 +25,8 @@ from data import tokenize_words
 from dit import DiT
 from lora import (LORA_TARGETS, import_release_list, inject, load_lora, load_release_file, lora_state_dict, merge_lora,
                   unwrap_lora)
-from unet import UNet, UNetConfig, VAE, _dataclass_from_dict, find_weight_file, load_strict, load_weights, read_config
+from unet import (UNet, UNetConfig, VAE, _dataclass_from_dict, build_and_load, find_weight_file, load_strict,
+                  load_weights, read_config)
 
 # -----------------------------------------------------------------------------
 # schedulers: the schedule is computed once as tensors; timesteps(n), step(out, x, t, t_prev)
@@ -1084,9 +1085,7 @@ class LDMBert(nn.Module):
         if cfg is None:
             raise FileNotFoundError(f"{folder}: no config.json (LDMBert's bert/ folder)")
         sd = load_weights(find_weight_file(folder))
-        with torch.device("meta"):
-            model = cls(LDMBertConfig.from_dict(cfg))
-        return load_strict(model, sd, f"LDMBert {folder}").to(device, dtype).eval()
+        return build_and_load(lambda: cls(LDMBertConfig.from_dict(cfg)), sd, f"LDMBert {folder}", dtype, device)
 
 
 class LDMBertEncoder(nn.Module):

@@ -99,6 +99,14 @@ def load_strict(module, sd, what="model"):
     return module
 
 
+def build_and_load(build, sd, what, dtype=torch.float32, device="cpu"):
+    """build() on the meta device (no init work, no memory), the checkpoint's tensors assigned to it strictly
+    (load_strict) in `dtype`, then moved to `device`, in eval mode: every from_pretrained of the repo."""
+    with torch.device("meta"):
+        model = build()
+    return load_strict(model.to(dtype), sd, what).to(device).eval()
+
+
 # -----------------------------------------------------------------------------
 # building blocks (module names follow diffusers' state-dict keys, so its layout maps 1:1)
 
@@ -681,10 +689,7 @@ class UNet(nn.Module):
         """A diffusers unet folder, a pipeline folder (its unet/), or an original SD/LDM single file
         (.safetensors/.ckpt; config inferred from the tensor shapes)."""
         cfg, sd = _unet_checkpoint(path)
-        with torch.device("meta"):  # no memory until the checkpoint's tensors are assigned
-            model = cls(cfg)
-        load_strict(model.to(dtype), sd, f"U-Net {path}")
-        return model.to(device).eval()
+        return build_and_load(lambda: cls(cfg), sd, f"U-Net {path}", dtype, device)
 
 
 # -----------------------------------------------------------------------------
@@ -836,10 +841,7 @@ class VAE(nn.Module):
         """A diffusers vae folder (new or old attention names), a pipeline folder (its vae/ or vqvae/), or an
         original SD/LDM single file or bare VAE file (.safetensors/.ckpt; config inferred from the shapes)."""
         cfg, sd = _vae_checkpoint(path)
-        with torch.device("meta"):
-            model = cls(cfg)
-        load_strict(model.to(dtype), sd, f"VAE {path}")
-        return model.to(device).eval()
+        return build_and_load(lambda: cls(cfg), sd, f"VAE {path}", dtype, device)
 
 
 # -----------------------------------------------------------------------------
