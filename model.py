@@ -1108,7 +1108,6 @@ class LDMBertEncoder(nn.Module):
         return (h if h.dtype == torch.float64 else h.float()), None
 
 
-
 def token_count(text):
     """The fixed number of tokens a text encoder's tokenize() gives, or None when it pads to the batch's longest."""
     if isinstance(text, WordEncoder):
