@@ -14,48 +14,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unet import find_weight_file, load_strict, load_weights, read_config
+from model_io import find_weight_file, load_strict, load_weights, read_config, save_safetensors
+from unet import FeedForward  # GEGLU(d -> 4d) -> Dropout -> Linear(4d -> d_out), keys net.0.proj / net.2
 
 # -----------------------------------------------------------------------------
 # LaVi-Bridge TextAdapter
 
 
-class GEGLU(nn.Module):
-    """Linear d -> 2 * d_out split into (value, gate); value * gelu(gate), exact erf GELU (diffusers GEGLU)."""
-
-    def __init__(self, dim_in, dim_out):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, 2 * dim_out)
-
-    def forward(self, x):
-        """x: (..., dim_in) -> (..., dim_out)."""
-        value, gate = self.proj(x).chunk(2, dim=-1)  # (..., dim_out) each, value first
-        return value * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    """GEGLU(d -> 4d) -> Dropout -> Linear(4d -> d_out), keys net.0.proj / net.2 (LaVi-Bridge FeedForward)."""
-
-    def __init__(self, dim, dim_out, mult=4, dropout=0.1):
-        super().__init__()
-        inner = int(dim * mult)
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim_out))
-
-    def forward(self, x):
-        """x: (..., dim) -> (..., dim_out)."""
-        return self.net(x)
-
-
-# (in_dim, mid_dim, out_dim) of the three LaVi-Bridge releases; mid = (in + out) / 2 in all of them
-TEXT_ADAPTER_PRESETS = {
-    "t5-large-sd14": (1024, 896, 768),
-    "llama2-7b-sd14": (4096, 2432, 768),
-    "t5-large-pixart512": (1024, 2560, 4096),
-}
-
-
 class TextAdapter(nn.Module):
-    """LaVi-Bridge TextAdapter: LayerNorm(in) -> FF1 -> LayerNorm(mid) -> FF2 (hub shihaozhao/LaVi-Bridge adapter/)."""
+    """LaVi-Bridge TextAdapter: LayerNorm(in) -> FF1 -> LayerNorm(mid) -> FF2 (hub shihaozhao/LaVi-Bridge,
+    adapter/)."""
 
     def __init__(self, in_dim, mid_dim, out_dim, dropout=0.1):
         super().__init__()
@@ -76,17 +44,19 @@ class TextAdapter(nn.Module):
 
     # the release's config.json: diffusers register_to_config(in_dim, int_dim, out_dim)
     def config(self):
-        return {"_class_name": "TextAdapter", "in_dim": self.in_dim, "int_dim": self.mid_dim, "out_dim": self.out_dim}
+        return {"_class_name": "TextAdapter", "in_dim": self.in_dim, "int_dim": self.mid_dim,
+                "out_dim": self.out_dim}
 
     @classmethod
     def from_pretrained(cls, folder, dropout=0.1):
-        """Read a release adapter/ folder (config.json + diffusion_pytorch_model.safetensors or .bin), strictly."""
+        """Read a release adapter/ folder (config.json + diffusion_pytorch_model.safetensors or .bin),
+        strictly."""
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"TextAdapter folder not found: {folder}")
         cfg = read_config(folder)
         if cfg is None:
-            raise FileNotFoundError(f"{folder}: no config.json (a LaVi-Bridge adapter/ folder holds config.json "
-                                    "and diffusion_pytorch_model.safetensors or .bin)")
+            raise FileNotFoundError(f"{folder}: no config.json (a LaVi-Bridge adapter/ folder holds "
+                                    "config.json and diffusion_pytorch_model.safetensors or .bin)")
         if cfg.get("_class_name", "TextAdapter") != "TextAdapter":
             raise ValueError(f"{folder}/config.json describes a {cfg['_class_name']}, not a TextAdapter")
         missing = [k for k in ("in_dim", "int_dim", "out_dim") if not isinstance(cfg.get(k), int)]
@@ -100,12 +70,10 @@ class TextAdapter(nn.Module):
 
     def save_pretrained(self, folder):
         """Write config.json + diffusion_pytorch_model.safetensors, the layout from_pretrained reads."""
-        from safetensors.torch import save_file
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(self.config(), f, indent=2)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(sd, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+        save_safetensors(self.state_dict(), os.path.join(folder, "diffusion_pytorch_model.safetensors"))
 
 
 # -----------------------------------------------------------------------------
@@ -119,11 +87,6 @@ class GlueNetConfig:
     out_dim: int = 768  # target width (CLIP-L text)
     mult: int = 2  # hidden width = mult * width, for tokens and channels alike
     depth: int = 5  # mixer blocks before the tail
-
-
-GLUENET_PRESETS = {
-    "gluegen-xlmr-clip": GlueNetConfig(77, 1024, 768),  # the released multilingual GlueNets
-}
 
 
 def _mlp(d_in, d_hidden, d_out, norm):
@@ -158,7 +121,8 @@ class MixerBlock(nn.Module):
 
 
 class GlueTranslator(nn.Module):
-    """depth LN mixer blocks, each x = gelu(block(x) + x), then a no-LN tail to dim_out (GlueGen Translator_noln)."""
+    """depth LN mixer blocks, each x = gelu(block(x) + x), then a no-LN tail to dim_out (GlueGen
+    Translator_noln)."""
 
     def __init__(self, num_tokens, dim, dim_out, mult=2, depth=5):
         super().__init__()
@@ -197,10 +161,6 @@ class GlueNet(nn.Module):
         """x: (B, num_tokens, in_dim) raw source features -> (B, num_tokens, out_dim) raw target features."""
         return self.encoder(x * self.src_scale) * self.tgt_scale[:, None]
 
-    def reconstruct(self, y):
-        """y: (B, num_tokens, out_dim) -> (B, num_tokens, in_dim)."""
-        return self.decoder(y)
-
     @classmethod
     def from_gluegen(cls, path):
         """Load a released GlueGen checkpoint (gluenet_<Language>_clip_overnorm_over3_noln.ckpt). GlueGen
@@ -213,10 +173,13 @@ class GlueNet(nn.Module):
         sd = load_weights(path)
         need = ("blocks.0.net_tok.0.weight", "blocks.0.net_sen.0.weight", "tail.net_sen.4.weight")
         if any(k not in sd for k in need):
-            raise ValueError(f"{path} is not a GlueGen GlueNet encoder (needs keys {need}); first keys: {list(sd)[:5]}")
-        tok, sen = sd["blocks.0.net_tok.0.weight"], sd["blocks.0.net_sen.0.weight"]  # (mult*T, T), (mult*C, C)
+            raise ValueError(f"{path} is not a GlueGen GlueNet encoder (needs keys {need}); "
+                             f"first keys: {list(sd)[:5]}")
+        # (mult*T, T), (mult*C, C)
+        tok, sen = sd["blocks.0.net_tok.0.weight"], sd["blocks.0.net_sen.0.weight"]
         depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-        cfg = GlueNetConfig(num_tokens=tok.shape[1], in_dim=sen.shape[1], out_dim=sd["tail.net_sen.4.weight"].shape[0],
+        cfg = GlueNetConfig(num_tokens=tok.shape[1], in_dim=sen.shape[1],
+                            out_dim=sd["tail.net_sen.4.weight"].shape[0],
                             mult=sen.shape[0] // sen.shape[1], depth=depth)
         model = cls(cfg)
         load_strict(model.encoder, sd, f"GlueGen encoder {path}")
@@ -251,7 +214,8 @@ class TokenDiscriminator(nn.Module):
                                  nn.Linear(inner, n_domains), nn.LogSoftmax(dim=1))
 
     def forward(self, x, lam=0.1):
-        """x: (B, T, dim) -> log-probabilities (B * T, n_domains); the gradient into x is reversed, times lam."""
+        """x: (B, T, dim) -> log-probabilities (B * T, n_domains); the gradient into x is reversed, times
+        lam."""
         x = grad_reverse(x.reshape(-1, x.shape[-1]), lam)  # (B*T, dim)
         return self.net(x)
 
@@ -305,7 +269,8 @@ def alignment_loss(pred, target, mask=None, kind="cosine", norm_weight=2e-5):
     (kind "cosine"), or the squared error averaged over channels (kind "mse"); the mean over the tokens
     where mask is 1. pred, target (B, T, C); mask (B, T) or None (every token)."""
     if pred.shape != target.shape:
-        raise ValueError(f"alignment_loss: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+        raise ValueError(f"alignment_loss: prediction {tuple(pred.shape)} and target "
+                         f"{tuple(target.shape)} differ")
     if kind == "cosine":
         per_token = (1 - F.cosine_similarity(pred, target, dim=-1, eps=1e-8)
                      + norm_weight * (pred.norm(dim=-1) - target.norm(dim=-1)) ** 2)  # (B, T)

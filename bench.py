@@ -5,11 +5,11 @@ keys), same inputs, ours and the reference timed alternately, median of the repe
 
 pip install -r requirements-test.txt peft     # the references: diffusers (tests) and peft (bench only)
 python bench.py --quick                      # no 64x64 U-Net or sd14 sampling rows, fewer repeats (~7 min)
-python bench.py --out bench.md               # every row: ~20 min on one busy core (--threads 2 on free cores: less)
+python bench.py --out bench.md               # every row (--threads 2 on free cores: faster)
 python bench.py --rows unet,merge            # some rows: unet, sample, lora, merge, shapes, compile
 
-On a CUDA machine every row runs a second time in bf16 autocast. bench.py and the tests are the only files that
-import diffusers and peft (the reference implementations).
+On a CUDA machine every row runs a second time in bf16 autocast. bench.py and the tests are the only files
+that import diffusers and peft (the reference implementations).
 """
 import argparse
 import copy
@@ -34,16 +34,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import data
+import cpu
+import shapes
 from adapter import TextAdapter
 from lora import LORA_TARGETS, inject, lora_parameters, merge_lora, unwrap_lora
-from model import DDPM, SD_SCHEDULER, Bridge, BridgeConfig, PixelCodec, WordEncoder, WordEncoderConfig
-from unet import UNET_PRESETS, UNet, cpu_layout, load_strict
+from model import Bridge, BridgeConfig
+from model_io import load_strict
+from schedulers import DDPM, SD_SCHEDULER
+from shapes import PixelCodec, WordEncoder, WordEncoderConfig
+from unet import UNET_PRESETS, UNet, UNetConfig
 
 ROWS = ("unet", "sample", "lora", "merge", "shapes", "compile")
 PROMPT, NEGATIVE = "a small red circle on the left", ""  # "": the CFG null caption, as Bridge.sample defaults
-T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8)  # t5-small sizes
+# t5-small sizes
+T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8)
 RANK = 32
+# a 4.1M-parameter latent U-Net, no attention at the top level: the "tiny" rows
+TINY = UNetConfig(sample_size=32, block_out_channels=(32, 64, 128), layers_per_block=1,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  attention_head_dim=(2, 4, 8), cross_attention_dim=64, norm_num_groups=8)
+CONFIGS = {"sd14": UNET_PRESETS["sd14"], "tiny": TINY}
 LONG = 10.0  # seconds: a call at least this long is its own warm-up (its first run counts as a repeat)
 
 # -----------------------------------------------------------------------------
@@ -51,7 +62,8 @@ LONG = 10.0  # seconds: a call at least this long is its own warm-up (its first 
 
 
 def make_env(kind):
-    """Where a row runs: CPU in fp32, or CUDA in bf16 autocast (never bf16/fp16 on a CPU: emulated, ~350x slower)."""
+    """Where a row runs: CPU in fp32, or CUDA in bf16 autocast (never bf16/fp16 on a CPU: emulated there,
+    hundreds of times slower)."""
     if kind == "cuda":
         return SimpleNamespace(device=torch.device("cuda"), name="cuda bf16", sync=torch.cuda.synchronize,
                                amp=lambda: torch.autocast("cuda", torch.bfloat16))
@@ -71,9 +83,10 @@ def timed(env, fn):
 def compare(env, ours, ref, n, budget=8.0, warmup=False):
     """Time ours() and ref(): one warm-up call each (counted as the first round when it took >= LONG s, unless
     warmup: calls whose first run does one-time work, such as packing conv weights), then
-    rounds that alternate which side goes first; cheap calls get more rounds, up to `budget` s a side (at most 50).
-    Returns SimpleNamespace(wall=(ours, ref) medians, cpu=(ours, ref) medians of CPU time, out=(ours, ref) last
-    outputs, rounds). CPU time is steadier than wall time on a machine whose cores other processes share."""
+    rounds that alternate which side goes first; cheap calls get more rounds, up to `budget` s a side (at
+    most 50). Returns SimpleNamespace(wall=(ours, ref) medians, cpu=(ours, ref) medians of CPU time,
+    out=(ours, ref) last outputs, rounds). CPU time is steadier than wall time on a machine whose cores other
+    processes share."""
     first = [timed(env, ours), timed(env, ref)]
     rounds = max(n, min(50, int(budget / max(first[0][0], first[1][0], 1e-6))))
     runs = ([first[0]], [first[1]]) if max(first[0][0], first[1][0]) >= LONG and not warmup else ([], [])
@@ -94,10 +107,12 @@ def matmul_rate(env):
 
 
 def unet_flops(cfg, batch, side, tokens=77):
-    """FLOPs of one forward of our U-Net, counted on the meta device (where attention runs as bmm and is counted)."""
+    """FLOPs of one forward of our U-Net, counted on the meta device (where attention runs as bmm and is
+    counted)."""
     with torch.device("meta"):
         m = UNet(cfg)
-        x, ctx = torch.empty(batch, cfg.in_channels, side, side), torch.empty(batch, tokens, cfg.cross_attention_dim)
+        x, ctx = torch.empty(batch, cfg.in_channels, side, side), torch.empty(batch, tokens,
+                                                                              cfg.cross_attention_dim)
         t = torch.zeros(batch, dtype=torch.long)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         m(x, t, ctx)
@@ -119,26 +134,28 @@ _PAIRS = {}
 
 
 def unet_pair(name, env):
-    """(diffusers UNet2DConditionModel of preset `name`, random weights seeded 0; our UNet sharing its tensors)."""
+    """(diffusers UNet2DConditionModel of config `name`, random weights seeded 0; our UNet sharing its
+    tensors)."""
     key = (name, env.device.type)
     if key not in _PAIRS:
         from diffusers import UNet2DConditionModel
         torch.manual_seed(0)
-        ref = UNet2DConditionModel(**asdict(UNET_PRESETS[name])).to(env.device).eval()  # our config = its kwargs
+        ref = UNet2DConditionModel(**asdict(CONFIGS[name])).to(env.device).eval()  # our config = its kwargs
         with torch.device("meta"):
-            ours = UNet(UNET_PRESETS[name])
+            ours = UNet(CONFIGS[name])
         load_strict(ours, ref.state_dict(), f"U-Net {name}")  # built on meta: assign=True, no copy
-        if env.device.type == "cpu":  # as sample.py and train.py run it: channels-last, weights packed once
-            cpu_layout(ours)
+        if env.device.type == "cpu":  # as sample.py runs it: channels-last, weights packed once
+            cpu.layout(ours)
         _PAIRS[key] = ref, ours.eval()
     return _PAIRS[key]
 
 
 def words_bridge(unet, env):
-    """A Bridge around `unet` with the shapes world's word encoder (+ a TextAdapter up to the U-Net's context width)
-    and the pixel codec: Bridge.sample's whole loop, with text encoding and decoding that cost next to nothing."""
+    """A Bridge around `unet` with the shapes world's word encoder (+ a TextAdapter up to the U-Net's context
+    width) and the pixel codec: Bridge.sample's whole loop, with text encoding and decoding that cost next to
+    nothing."""
     torch.manual_seed(0)
-    words = WordEncoder(WordEncoderConfig(vocab_size=data.VOCAB_SIZE))
+    words = WordEncoder(WordEncoderConfig())
     d = unet.cfg.cross_attention_dim
     adapter = None if d == words.width else TextAdapter(words.width, (words.width + d) // 2, d)
     cfg = BridgeConfig(lm="words", vision="bench", adapter="text" if adapter else "none", lora_rank=0)
@@ -146,8 +163,10 @@ def words_bridge(unet, env):
 
 
 def sample_ours(bridge):
-    """Bridge.sample: DDIM 10 steps, CFG 7.5, batch 1, 32x32 latents (64x64 'pixels' through the pixel codec)."""
-    return bridge.sample([PROMPT], NEGATIVE, steps=10, guidance=7.5, height=64, width=64, seed=0, progress=False)
+    """Bridge.sample: DDIM 10 steps, CFG 7.5, batch 1, 32x32 latents (64x64 'pixels' through the pixel
+    codec)."""
+    return bridge.sample([PROMPT], NEGATIVE, steps=10, guidance=7.5, height=64, width=64, seed=0,
+                         progress=False)
 
 
 # -----------------------------------------------------------------------------
@@ -164,17 +183,18 @@ def row_unet(env, args, table):
             ctx = torch.randn(batch, 77, 768, generator=g).to(env.device)
             t = torch.full((batch,), 500, device=env.device)
             with torch.inference_mode():
-                n = args.repeats if side == 32 else max(1, args.repeats - 1)  # 64x64 batch 2: ~40 s a call, 1 core
+                n = args.repeats if side == 32 else max(1, args.repeats - 1)
                 r = compare(env, lambda: ours(x, t, ctx), lambda: ref(x, t, ctx).sample, n, warmup=True)
             flops, peak, (ta, tb) = unet_flops(ours.cfg, batch, side), env.matmul, r.wall
             table.append(entry(f"U-Net forward sd14, batch {batch}, {side}x{side}", r,
-                               f"{flops / 1e9:.0f} GFLOP: ours {flops / ta / 1e9:.1f} GFLOP/s ({flops / ta / peak:.0%} "
-                               f"of matmul), ref {flops / tb / 1e9:.1f} ({flops / tb / peak:.0%}); max rel diff "
-                               f"{rel_err(*r.out):.1e}"))
+                               f"{flops / 1e9:.0f} GFLOP: ours {flops / ta / 1e9:.1f} GFLOP/s "
+                               f"({flops / ta / peak:.0%} of matmul), ref {flops / tb / 1e9:.1f} "
+                               f"({flops / tb / peak:.0%}); max rel diff {rel_err(*r.out):.1e}"))
 
 
 def row_sample(env, args, table):
-    """Sampling, DDIM 10 steps + CFG, batch 1: Bridge.sample vs a diffusers-pipeline loop (UNet + DDIMScheduler)."""
+    """Sampling, DDIM 10 steps + CFG, batch 1: Bridge.sample vs a diffusers-pipeline loop (UNet +
+    DDIMScheduler)."""
     from diffusers import DDIMScheduler
     for name in ("tiny",) if args.quick else ("tiny", "sd14"):  # sd14: ~100 s a call on one CPU core
         ref, ours = unet_pair(name, env)
@@ -182,7 +202,8 @@ def row_sample(env, args, table):
         with torch.no_grad():  # the reference gets the same context, computed once outside the timing
             (nctx, nmask), (ctx, mask) = bridge.encode_text([NEGATIVE]), bridge.encode_text([PROMPT])
         ctx2, mask2 = torch.cat([nctx, ctx]), torch.cat([nmask, mask])
-        sched = DDIMScheduler.from_config(SD_SCHEDULER)  # what the SD pipeline loads (its PRK keys are ignored)
+        # what the SD pipeline loads (its PRK keys are ignored)
+        sched = DDIMScheduler.from_config(SD_SCHEDULER)
 
         @torch.no_grad()
         def sample_ref():
@@ -197,9 +218,10 @@ def row_sample(env, args, table):
 
         r = compare(env, lambda: sample_ours(bridge), sample_ref, 1 if name == "sd14" else args.repeats)
         diff = (r.out[0].int() - r.out[1].int()).abs().max().item()
+        once = "; one round, so ours includes packing its conv weights" if r.rounds == 1 else ""
         table.append(entry(f"sampling {name} U-Net, DDIM 10 steps + CFG, batch 1, 32x32", r,
-                           f"Bridge.sample vs diffusers UNet + DDIMScheduler loop; max |diff| {diff} of 255"
-                           + ("; one round, so ours includes packing its conv weights" if r.rounds == 1 else "")))
+                           f"Bridge.sample vs diffusers UNet + DDIMScheduler loop; "
+                           f"max |diff| {diff} of 255{once}"))
 
 
 def reference_adapter(d_in, d_mid, d_out):
@@ -210,13 +232,17 @@ def reference_adapter(d_in, d_mid, d_out):
 
 
 def lora_step(side, env):
-    """A closure that runs one LoRA training step (AdamW) of T5-small-size LM -> adapter -> sd14 U-Net at 32x32,
-    rank 32, batch 1: side "ours" (lora.inject, TextAdapter) or "ref" (diffusers + peft on the same modules)."""
+    """A closure that runs one LoRA training step (AdamW) of T5-small-size LM -> adapter -> sd14 U-Net at
+    32x32, rank 32, batch 1: side "ours" (lora.inject, TextAdapter, in cpu.layout on a CPU as train.py
+    --cpu-layout true), "ours-plain" (the same in the standard layout, train.py's default) or "ref"
+    (diffusers + peft on the same modules)."""
     from transformers import T5Config, T5EncoderModel
     ref_unet, our_unet = unet_pair("sd14", env)  # ours first: its tensors are taken before peft renames ref's
     torch.manual_seed(1)
     t5 = T5EncoderModel(T5Config(**T5_SMALL)).to(env.device).requires_grad_(False).train()
-    if side == "ours":
+    if side == "ours-plain":
+        cpu.layout(our_unet, on=False)
+    if side.startswith("ours"):
         unet = our_unet.requires_grad_(False).train()
         inject(unet, LORA_TARGETS["unet"], RANK, dropout=0.1)
         inject(t5, LORA_TARGETS["t5"], RANK, dropout=0.1)
@@ -243,7 +269,7 @@ def lora_step(side, env):
 
     def step():
         pred = unet(noisy, t, adapter(t5(input_ids=ids).last_hidden_state))
-        loss = F.mse_loss((pred if side == "ours" else pred.sample).float(), noise)
+        loss = F.mse_loss((pred if side.startswith("ours") else pred.sample).float(), noise)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -252,7 +278,8 @@ def lora_step(side, env):
 
 
 def lora_memory(side, env):
-    """Child process: peak memory of two training steps above the built model (RSS on a CPU, allocator on CUDA)."""
+    """Child process: peak memory of two training steps above the built model (RSS on a CPU, allocator on
+    CUDA)."""
     step, _ = lora_step(side, env)
     if env.device.type == "cuda":
         torch.cuda.synchronize()
@@ -267,41 +294,52 @@ def lora_memory(side, env):
             step()
     if env.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
-    else:  # VmHWM, not getrusage's ru_maxrss: that one also keeps the peak of exited threads, which clear_refs misses
+    else:  # VmHWM, not ru_maxrss: that one keeps the peak of exited threads, which clear_refs misses
         with open("/proc/self/status") as f:
             peak = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
     print("MEM " + json.dumps({"base": base, "delta": peak - base}))
 
 
 def row_lora(env, args, table):
-    """LoRA training step: ours vs diffusers + peft, timed alternately here; peak memory in a subprocess per side."""
-    _PAIRS.clear()
+    """LoRA training step: ours (in the CPU layout, and in the standard one) vs diffusers + peft, each pair
+    timed alternately here; peak memory in a subprocess per side."""
     mem = {}
-    for side in ("ours", "ref"):
+    for side in ("ours", "ours-plain", "ref"):
         cmd = [sys.executable, os.path.abspath(__file__), "--lora-mem", side, "--threads", str(args.threads),
                "--device", env.device.type]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(cmd, capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("MEM ")]
         if not line:
             raise RuntimeError(f"memory subprocess for {side} failed:\n{out.stderr[-3000:]}")
         mem[side] = json.loads(line[-1][4:])
-    ours, n_ours = lora_step("ours", env)  # shared base weights: ours takes them before peft wraps the reference
-    ref, n_ref = lora_step("ref", env)
-    r = compare(env, ours, ref, args.repeats, warmup=True)
-    _PAIRS.clear()
     mb = {s: m["delta"] / 2 ** 20 for s, m in mem.items()}
-    table.append(entry("LoRA training step: T5-small-size LM + adapter + sd14 U-Net, 32x32, rank 32, batch 1", r,
-                       f"trainable {n_ours / 1e6:.1f}M / {n_ref / 1e6:.1f}M params; peak memory above the model "
-                       f"{mb['ours']:.0f} MB vs {mb['ref']:.0f} MB (ours/ref {mb['ours'] / mb['ref']:.2f}); "
-                       f"model {mem['ours']['base'] / 2 ** 30:.1f} / {mem['ref']['base'] / 2 ** 30:.1f} GB"))
+    sides = ("ours", "ours-plain") if env.device.type == "cpu" else ("ours",)
+    for side in sides:
+        _PAIRS.clear()
+        # shared base weights: ours takes them before peft wraps the reference
+        ours, n_ours = lora_step(side, env)
+        ref, n_ref = lora_step("ref", env)
+        r = compare(env, ours, ref, args.repeats, warmup=True)
+        what = {"ours": ", ours in cpu.layout (train.py --cpu-layout true)",
+                "ours-plain": ", ours in the standard layout (train.py's default)"}[side]
+        what = what if env.device.type == "cpu" else ""
+        gb = [mem[s]["base"] / 2 ** 30 for s in (side, "ref")]
+        table.append(entry(f"LoRA training step: T5-small-size LM + adapter + sd14 U-Net, 32x32, rank 32, "
+                           f"batch 1{what}", r,
+                           f"trainable {n_ours / 1e6:.1f}M / {n_ref / 1e6:.1f}M params; peak memory above "
+                           f"the model {mb[side]:.0f} MB vs {mb['ref']:.0f} MB (ours/ref "
+                           f"{mb[side] / mb['ref']:.2f}); "
+                           f"model {gb[0]:.1f} / {gb[1]:.1f} GB"))
+    _PAIRS.clear()
 
 
 def row_merge(env, args, table):
-    """Sampling (ours, tiny U-Net, DDIM 10 steps + CFG) with a rank-32 LoRA merged (Bridge.merge_lora's way), merged
-    and unwrapped (lora.unwrap_lora), and unmerged, each vs no LoRA. Every U-Net is a copy of one model, so that
-    their weights were allocated alike."""
+    """Sampling (ours, tiny U-Net, DDIM 10 steps + CFG) with a rank-32 LoRA merged (Bridge.merge_lora's way),
+    merged and unwrapped (lora.unwrap_lora), and unmerged, each vs no LoRA. Every U-Net is a copy of one
+    model, so that their weights were allocated alike."""
     torch.manual_seed(0)
-    base = UNet(UNET_PRESETS["tiny"]).to(env.device).eval()
+    base = UNet(TINY).to(env.device).eval()
     nets = {}
     for what in ("none", "merged", "merged + unwrap_lora", "unmerged"):
         nets[what] = m = copy.deepcopy(base)
@@ -317,47 +355,51 @@ def row_merge(env, args, table):
     notes = {"merged": "target <= 1.02x; the LoRA wrappers stay (one extra module call per wrapped layer)",
              "merged + unwrap_lora": "plain layers again", "unmerged": "LoRA branches computed at every step"}
     for what, note in notes.items():
-        r = compare(env, lambda: sample_ours(bridges[what]), lambda: sample_ours(bridges["none"]), args.repeats,
-                    budget=20.0)
+        r = compare(env, lambda: sample_ours(bridges[what]), lambda: sample_ours(bridges["none"]),
+                    args.repeats, budget=20.0)
         table.append(entry(f"sampling tiny U-Net with LoRA {what} vs none (ours both)", r, note))
 
 
 def row_shapes(env, args, table):
-    """train.py's default run (shapes preset): images/s over 10 steps, from a 2- and a 12-step run (setup cancels)."""
-    import model
+    """train.py's default run (shapes preset): images/s over 10 steps, from a 2- and a 12-step run (set-up
+    cancels), in the standard layout (the default) and, on a CPU, with --cpu-layout true."""
     import train
     bs = train.PRESETS["shapes"]["batch_size"]
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train.main installs its own
+    # train.main installs its own
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with tempfile.TemporaryDirectory() as tmp:
         vision = "shapes"
-        if not os.path.isfile(model.SHAPES_BASE):  # not trained yet: a random base model file
+        if not os.path.isfile(shapes.BASE):  # not trained yet: a random base model file
             path = os.path.join(tmp, "base.safetensors")
             torch.manual_seed(0)
-            model.save_shapes_base(path, UNet(model.shapes_unet_config()),
-                                   WordEncoder(WordEncoderConfig(vocab_size=data.VOCAB_SIZE)), 0)
+            shapes.save_base(path, shapes.new_unet()[0], shapes.new_words(), 0)
             vision = f"shapes:{path}"
-        secs = {}
-        for steps in (2, 12):
-            a = train.get_parser().parse_args([
-                "--preset", "shapes", "--vision", vision, "--steps", str(steps), "--out", os.path.join(tmp, str(steps)),
-                "--eval", "false", "--log-every", "1000", "--save-every", "100000", "--device", env.device.type,
-                "--dtype", "fp32" if env.device.type == "cpu" else "bf16"])
-            t0 = time.perf_counter()
-            with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-                train.main(a)
-            secs[steps] = time.perf_counter() - t0
+        for layout in ("false", "true") if env.device.type == "cpu" else ("false",):
+            secs = {}
+            for steps in (2, 12):
+                a = train.get_parser().parse_args([
+                    "--preset", "shapes", "--vision", vision, "--steps", str(steps), "--out",
+                    os.path.join(tmp, f"{layout}{steps}"), "--eval", "false", "--log-every", "1000",
+                    "--save-every", "100000", "--device", env.device.type, "--cpu-layout", layout,
+                    "--dtype", "fp32" if env.device.type == "cpu" else "bf16"])
+                t0 = time.perf_counter()
+                with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+                    train.main(a)
+                secs[steps] = time.perf_counter() - t0
+            per_step = (secs[12] - secs[2]) / 10
+            table.append((f"train.py --preset shapes --cpu-layout {layout}, batch {bs}: one step", per_step,
+                          None, None, None, 1, f"**{bs / per_step:.1f} images/s** (vision "
+                          f"{'shipped base' if vision == 'shapes' else 'random base'}; 12-step run "
+                          f"{secs[12]:.1f} s incl. set-up)"))
     for s, h in handlers.items():
         signal.signal(s, h)
-    per_step = (secs[12] - secs[2]) / 10
-    table.append((f"train.py --preset shapes, batch {bs}: one step", per_step, None, None, None, 1,
-                  f"**{bs / per_step:.1f} images/s** (vision {'shipped base' if vision == 'shapes' else 'random base'};"
-                  f" 12-step run {secs[12]:.1f} s incl. setup)"))
 
 
 def row_compile(env, args, table):
-    """Graph breaks of the training loss (Bridge.forward with LoRA in both models) under torch.compile, counted by
-    torch._dynamo.explain: the shapes bridge (MiniLM, mask to the LM and the U-Net), T5 and Llama + U-Net as
-    LaVi-Bridge trains SD (no mask), and T5 + DiT with the PixArt recipe (mask to T5 and the DiT); tiny sizes."""
+    """Graph breaks of the training loss (Bridge.forward with LoRA in both models) under torch.compile,
+    counted by torch._dynamo.explain: the shapes bridge (MiniLM, mask to the LM and the U-Net), T5 and Llama
+    + U-Net as LaVi-Bridge trains SD (no mask), and T5 + DiT with the PixArt recipe (mask to T5 and the DiT);
+    tiny sizes."""
     import torch._dynamo
     from transformers import T5Config, T5EncoderModel
     import dit
@@ -367,27 +409,32 @@ def row_compile(env, args, table):
     def lavi(denoiser, kind, recipe, side, llama=False):
         if llama:
             from transformers import LlamaConfig, LlamaModel
-            lm = LlamaModel(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            lm = LlamaModel(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=4))
         else:
-            lm = T5EncoderModel(T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4))
-        text = model.TextEncoder(SimpleNamespace(pad_token="<pad>"), lm, recipe)  # ids are given: no tokenizer
+            lm = T5EncoderModel(T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                         num_heads=4))
+        # ids are given: no tokenizer
+        text = model.TextEncoder(SimpleNamespace(pad_token="<pad>"), lm, recipe)
         width = denoiser.cfg.cross_attention_dim if kind == "unet" else denoiser.cfg.caption_channels
         cfg = BridgeConfig(lm="lm", vision=kind, adapter="text", lora_rank=4)
-        bridge = Bridge(cfg, text, TextAdapter(64, 64, width), denoiser, PixelCodec(), dict(SD_SCHEDULER), kind)
+        adapter = TextAdapter(64, 64, width)
+        bridge = Bridge(cfg, text, adapter, denoiser, PixelCodec(), dict(SD_SCHEDULER), kind)
         bridge.requires_grad_(False)
         for m, key in ((denoiser, kind), (lm, "llama" if llama else "t5")):
             inject(m, LORA_TARGETS[key], 4)
         bridge.adapter.requires_grad_(True)
         return bridge, torch.randint(0, 100, (2, recipe.max_length)), side
 
-    llama_recipe = model.LM_PRESETS["llama2"][1]
-    cases = {"T5 + U-Net (LaVi-Bridge SD recipe)": lavi(UNet(UNET_PRESETS["tiny"]), "unet", model.TextRecipe(77), 32),
-             "Llama + U-Net (LaVi-Bridge recipe)": lavi(UNet(UNET_PRESETS["tiny"]), "unet", llama_recipe, 32, True),
-             "T5 + DiT (PixArt recipe, masks)": lavi(dit.DiT(dit.DIT_PRESETS["tiny"]), "dit", model.PIXART_T5_RECIPE, 8)}
-    if os.path.isfile(model.SHAPES_BASE):  # the shipped base model and the real MiniLM (tokenized prompts)
-        shapes = model.build_bridge(BridgeConfig(lm="minilm", vision="shapes", lora_rank=8, max_length=16))
-        cases = {"shapes: MiniLM + shapes U-Net": (shapes, None, 16), **cases}
+    tiny_dit = dit.DiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=24, caption_channels=32,
+                             sample_size=8)
+    cases = {"T5 + U-Net (LaVi-Bridge SD recipe)": lavi(UNet(TINY), "unet", model.T5, 32),
+             "Llama + U-Net (LaVi-Bridge recipe)": lavi(UNet(TINY), "unet", model.LLAMA2, 32, True),
+             "T5 + DiT (PixArt recipe, masks)": lavi(dit.DiT(tiny_dit), "dit", model.PIXART_T5, 8)}
+    if os.path.isfile(shapes.BASE):  # the shipped base model and the real MiniLM (tokenized prompts)
+        world = model.build_bridge(BridgeConfig(lm="minilm", vision="shapes", lora_rank=8, max_length=16))
+        cases = {"shapes: MiniLM + shapes U-Net": (world, None, 16), **cases}
     for name, (bridge, ids, side) in cases.items():
         bridge = bridge.to(env.device).train()
         if ids is None:
@@ -403,9 +450,10 @@ def row_compile(env, args, table):
         ex = torch._dynamo.explain(bridge)(*args_)
         secs = time.perf_counter() - t0
         reasons = "; ".join(sorted({str(r.reason).splitlines()[0][:80] for r in ex.break_reasons}))
+        reasons = f": {reasons}" if reasons else ""
         table.append((f"torch.compile graph breaks, training loss: {name}", secs, None, None, None, 1,
-                      f"**{ex.graph_break_count} graph breaks**, {ex.graph_count} graph(s){': ' + reasons if reasons else ''}"
-                      f" (time: torch._dynamo.explain)"))
+                      f"**{ex.graph_break_count} graph breaks**, {ex.graph_count} graph(s){reasons} "
+                      f"(time: torch._dynamo.explain)"))
 
 
 # -----------------------------------------------------------------------------
@@ -419,8 +467,8 @@ def entry(case, r, notes):
 def format_row(dev, case, ta, tb, ca, cb, n, notes):
     cpu = f"{ca / cb:.2f}" if cb and dev.startswith("cpu") else "-"
     ratio = f"**{ta / tb:.2f}**" if tb else "-"
-    return (f"| {dev} | {case} | {fmt_s(ta) if n else '-'} | {fmt_s(tb) if tb else '-'} | {ratio} | {cpu} | {n} | "
-            f"{notes} |")
+    ours, ref = fmt_s(ta) if n else "-", fmt_s(tb) if tb else "-"
+    return f"| {dev} | {case} | {ours} | {ref} | {ratio} | {cpu} | {n} | {notes} |"
 
 
 def machine():
@@ -444,7 +492,8 @@ def main(args):
     import peft
     import transformers
     load0 = os.getloadavg()
-    lines = [f"# bench.py: ours vs diffusers / peft, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}", "",
+    now = datetime.datetime.now().astimezone()
+    lines = [f"# bench.py: ours vs diffusers / peft, {now:%Y-%m-%d %H:%M %Z}", "",
              f"- command: `python bench.py {' '.join(sys.argv[1:])}`",
              f"- machine: {machine()}",
              f"- torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, "
@@ -460,8 +509,8 @@ def main(args):
             try:
                 globals()[f"row_{r}"](env, args, table)
             except Exception as e:  # one broken row must not cost the others' results
-                table.append((f"row {r} FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                              0.0, None, None, None, 0, ""))
+                first = str(e).splitlines()[0] if str(e) else ""
+                table.append((f"row {r} FAILED: {type(e).__name__}: {first}", 0.0, None, None, None, 0, ""))
             table[before:] = [(env.name,) + row for row in table[before:]]
             for row in table[before:]:
                 print(f"[{time.time() - t0:.0f} s] " + format_row(*row), file=sys.stderr)
@@ -483,11 +532,15 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to run, of {','.join(ROWS)}")
-    p.add_argument("--quick", action="store_true", help="skip the 64x64 U-Net rows and the sd14 sampling row; 2 repeats, not 3")
-    p.add_argument("--repeats", type=int, default=0, help="timed rounds of an expensive case (0: 3, --quick 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the cores are shared: default 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="skip the 64x64 U-Net rows and the sd14 sampling row; 2 repeats, not 3")
+    p.add_argument("--repeats", type=int, default=0,
+                   help="timed rounds of an expensive case (0: 3, --quick 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (the cores are shared: default 1)")
     p.add_argument("--out", default="", help="also write the markdown table to this file")
-    p.add_argument("--lora-mem", choices=["ours", "ref"], help=argparse.SUPPRESS)  # the memory subprocess
+    # memory subprocess
+    p.add_argument("--lora-mem", choices=["ours", "ours-plain", "ref"], help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     return p
 

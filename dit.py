@@ -3,8 +3,7 @@ PixArt-alpha DiT (PixArt-XL-2 512 / 1024-MS), from scratch in plain PyTorch.
 
 Module names equal diffusers' PixArtTransformer2DModel (Transformer2DModel with norm_type
 "ada_norm_single") state-dict keys, so a diffusers checkpoint loads with no renaming and the
-original PixArt .pth layout needs only a small key map (map_pixart_key). Numerics follow
-REFERENCE.md section 3; fp32 outputs match diffusers to ~1e-6 relative (test_part_dit.py).
+original PixArt .pth layout needs only a small key map (map_pixart_key).
 """
 import math
 import os
@@ -16,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from unet import build_and_load, checkpointed, find_weight_file, load_weights, read_config
+from model_io import apply_key_map, build_and_load, find_weight_file, load_weights, read_config
+from unet import checkpointed, timestep_features
 
 # -----------------------------------------------------------------------------
 # config
@@ -68,7 +68,8 @@ class DiTConfig:
                              f"Transformer2DModel with norm_type 'ada_norm_single'")
         # values fixed by this implementation (PixArt-XL-2); anything else is another architecture
         fixed = {"norm_type": "ada_norm_single", "activation_fn": "gelu-approximate", "attention_bias": True,
-                 "norm_elementwise_affine": False, "only_cross_attention": False, "double_self_attention": False,
+                 "norm_elementwise_affine": False, "only_cross_attention": False,
+                 "double_self_attention": False,
                  "upcast_attention": False, "attention_type": "default", "dropout": 0.0,
                  "num_vector_embeds": None, "use_linear_projection": False}
         bad = [f"{k}={config[k]!r} (need {v!r})" for k, v in fixed.items() if k in config and config[k] != v]
@@ -94,20 +95,11 @@ class DiTConfig:
 DIT_PRESETS = {
     "pixart-512": DiTConfig(sample_size=64),                                    # PixArt-XL-2-512x512
     "pixart-1024": DiTConfig(sample_size=128, use_additional_conditions=True),  # PixArt-XL-2-1024-MS
-    "tiny": DiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=24, caption_channels=32,
-                      sample_size=8),                                           # tests and CPU smoke runs
 }
+
 
 # -----------------------------------------------------------------------------
 # embeddings computed on the fly (no buffers: they are not in the official checkpoints)
-
-
-def timestep_sinusoid(t, dim=256):
-    """[cos, sin] sinusoid of a float vector t (N,) -> (N, dim) fp32, frequencies exp(-ln(1e4) i / (dim/2))."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (N, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 def sincos_pos_embed_2d(dim, h, w, base_size, interpolation_scale, device=None):
@@ -147,7 +139,8 @@ class PatchEmbed(nn.Module):
     def pos_embed(self, h, w, device):
         key = (h, w, str(device))
         if key not in self._pos_cache:
-            pe = sincos_pos_embed_2d(self.proj.out_channels, h, w, self.base_size, self.interpolation_scale, device)
+            pe = sincos_pos_embed_2d(self.proj.out_channels, h, w, self.base_size, self.interpolation_scale,
+                                     device)
             self._pos_cache[key] = pe.float()[None]  # (1, h*w, D)
         return self._pos_cache[key]
 
@@ -160,7 +153,8 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    """256-d [cos, sin] sinusoid -> Linear -> SiLU -> Linear (PixArt t_embedder, csize_embedder, ar_embedder)."""
+    """256-d [cos, sin] sinusoid -> Linear -> SiLU -> Linear (PixArt t_embedder, csize_embedder,
+    ar_embedder)."""
 
     def __init__(self, dim_out):
         super().__init__()
@@ -169,12 +163,13 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, t):
         """t (N,) float -> (N, dim_out)."""
-        emb = timestep_sinusoid(t).to(self.linear_1.weight.dtype)  # (N, 256)
+        emb = timestep_features(t, 256).to(self.linear_1.weight.dtype)  # (N, 256) [cos, sin]
         return self.linear_2(F.silu(self.linear_1(emb)))
 
 
 class ConditionEmbedding(nn.Module):
-    """Timestep embedding, plus resolution and aspect-ratio embeddings for 1024-MS (diffusers adaln_single.emb)."""
+    """Timestep embedding, plus resolution and aspect-ratio embeddings for 1024-MS (diffusers
+    adaln_single.emb)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -193,7 +188,8 @@ class ConditionEmbedding(nn.Module):
         if not self.micro_conditions:
             return emb
         if resolution is None or aspect_ratio is None:
-            raise ValueError("this DiT (1024-MS) needs resolution (B, 2) and aspect_ratio (B, 1) micro-conditions")
+            raise ValueError("this DiT (1024-MS) needs resolution (B, 2) and aspect_ratio (B, 1) "
+                             "micro-conditions")
         B = t.shape[0]
         resolution = torch.as_tensor(resolution, device=t.device).reshape(-1)  # (2B,)
         aspect_ratio = torch.as_tensor(aspect_ratio, device=t.device).reshape(-1)  # (B,)
@@ -206,7 +202,8 @@ class ConditionEmbedding(nn.Module):
 
 
 class AdaLNSingle(nn.Module):
-    """adaLN-single (PixArt-alpha, arXiv 2310.00426 sec 2.3): one Linear(SiLU(t)) -> 6 D shared by all blocks."""
+    """adaLN-single (PixArt-alpha, arXiv 2310.00426 sec 2.3): one Linear(SiLU(t)) -> 6 D shared by all
+    blocks."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -329,7 +326,8 @@ class DiT(nn.Module):
         if H % p or W % p:
             raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {p}")
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != self.cfg.caption_channels:
-            raise ValueError(f"context must be (B={B}, T, {self.cfg.caption_channels}), got {tuple(context.shape)}")
+            raise ValueError(f"context must be (B={B}, T, {self.cfg.caption_channels}), "
+                             f"got {tuple(context.shape)}")
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(B) if t.ndim == 0 else t.reshape(-1)  # (B,)
         if t.shape[0] != B:
@@ -351,7 +349,8 @@ class DiT(nn.Module):
         shift, scale = (self.scale_shift_table[None] + temb[:, None]).chunk(2, dim=1)  # (B, 1, D) each
         tokens = self.norm_out(tokens) * (1 + scale) + shift
         out = self.proj_out(tokens)  # (B, N, p*p*C)
-        return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, w=W // p, p=p, q=p)  # (B, C, H, W)
+        # (B, C, H, W)
+        return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, w=W // p, p=p, q=p)
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", config=None):
@@ -423,7 +422,7 @@ _PIXART_BLOCK_RENAMES = [  # inside blocks.N.
 
 
 def map_pixart_key(key, tensor):
-    """Original PixArt .pth layout -> diffusers layout (REFERENCE.md sec 4). Fused projections are
+    """Original PixArt .pth layout (PixArt-alpha repo) -> diffusers layout. Fused projections are
     split: attn.qkv in 3 (to_q, to_k, to_v), cross_attn.kv_linear in 2 (to_k, to_v). Unknown keys
     pass through unchanged, so the strict check reports them."""
     key = key.removeprefix("module.")  # saved from a DDP-wrapped model
@@ -464,13 +463,7 @@ def convert_state_dict(sd, what="checkpoint"):
             guess = "an unknown model"
         raise ValueError(f"{what} is not a PixArt DiT checkpoint (no 'transformer_blocks.*' or 'blocks.*' "
                          f"keys); it looks like {guess}. First keys: {keys[:5]}")
-    out = {}
-    for k, v in sd.items():
-        for nk, nv in fn(k, v):
-            if nk in out:
-                raise ValueError(f"{what}: two tensors map to {nk}")
-            out[nk] = nv
-    return out
+    return apply_key_map(sd, fn, what)
 
 
 def infer_config(sd, pos_tokens=None):

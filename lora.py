@@ -1,7 +1,7 @@
 """
 LoRA as LaVi-Bridge uses it (cloneofsimo/lora, lora_diffusion/lora.py): explicit wrappers around a
-frozen nn.Linear / nn.Conv2d, injection by module-path regexes, merge / unmerge for inference,
-safetensors I/O of the LoRA weights only, and import of the release's flat lora_vis.pt / lora_text.pt.
+frozen nn.Linear / nn.Conv2d, injection by module-path regexes, merge for inference, safetensors I/O
+of the LoRA weights only, and import of the release's flat lora_vis.pt / lora_text.pt.
 
     paths = inject(unet, LORA_TARGETS["unet"], rank=32)      # names of the wrapped layers, in order
     import_release_list(unet, load_release_file("lora_vis.pt"), paths)
@@ -14,80 +14,22 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from unet import check_state_dict, load_weights
+from model_io import check_state_dict, load_weights, save_safetensors
 
 # -----------------------------------------------------------------------------
 # the wrappers
 
 
-class LoRALinear(nn.Module):
-    """y = base(x) + scale * dropout(up(down(x))) around a frozen nn.Linear (cloneofsimo/lora LoraInjectedLinear)."""
+class _LoRA(nn.Module):
+    """What both wrappers share: y = base(x) + scale * dropout(up(down(x))), dropout on the branch OUTPUT as
+    in the release; down ~ N(0, 1/r) and up = 0 at init (cloneofsimo); merge() folds scale * up @ down into
+    the frozen base weight (idempotent), unmerge() takes it out again."""
 
-    def __init__(self, base, rank, scale=1.0, dropout=0.0):
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+    def _init_branch(self, base, rank, scale, dropout):
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        w = base.weight
         self.base = base.requires_grad_(False)
-        self.down = nn.Linear(base.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
         self.dropout = nn.Dropout(dropout)
-        self.up = nn.Linear(rank, base.out_features, bias=False, device=w.device, dtype=w.dtype)
-        nn.init.normal_(self.down.weight, std=1 / rank)  # as cloneofsimo: N(0, 1/r), up = 0
-        nn.init.zeros_(self.up.weight)
-        self.rank, self.scale, self.merged = rank, scale, False
-
-    @classmethod
-    def from_base(cls, base, rank, scale=1.0, dropout=0.0):
-        return cls(base, rank, scale, dropout)
-
-    def forward(self, x):
-        """x: (..., in_features) -> (..., out_features)."""
-        y = self.base(x)
-        if self.merged:
-            return y
-        # dropout on the branch OUTPUT, as in the release (dropout(up(down(x))) * scale)
-        lora = self.dropout(self.up(self.down(x.to(self.down.weight.dtype))))
-        return y + self.scale * lora.to(y.dtype)
-
-    def delta_weight(self):
-        """scale * up @ down in float32: (out, in)."""
-        return self.scale * (self.up.weight.float() @ self.down.weight.float())
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
-
-
-class LoRAConv2d(nn.Module):
-    """y = base(x) + scale * dropout(up(down(x))) around a frozen nn.Conv2d; down has the base's kernel,
-    stride, padding and dilation, up is 1x1 (cloneofsimo/lora LoraInjectedConv2d)."""
-
-    def __init__(self, base, rank, scale=1.0, dropout=0.0):
-        super().__init__()
-        if not isinstance(base, nn.Conv2d):
-            raise TypeError(f"LoRAConv2d wraps an nn.Conv2d, got {type(base).__name__}")
-        if base.groups != 1:
-            raise ValueError(f"LoRAConv2d supports groups=1 only (got groups={base.groups}); "
-                             "grouped convs cannot be merged exactly")
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        w = base.weight
-        self.base = base.requires_grad_(False)
-        self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
-                              base.dilation, bias=False, padding_mode=base.padding_mode,
-                              device=w.device, dtype=w.dtype)
-        self.dropout = nn.Dropout(dropout)
-        self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False, device=w.device, dtype=w.dtype)
         nn.init.normal_(self.down.weight, std=1 / rank)
         nn.init.zeros_(self.up.weight)
         self.rank, self.scale, self.merged = rank, scale, False
@@ -97,18 +39,11 @@ class LoRAConv2d(nn.Module):
         return cls(base, rank, scale, dropout)
 
     def forward(self, x):
-        """x: (B, C_in, H, W) -> (B, C_out, H', W')."""
         y = self.base(x)
         if self.merged:
             return y
         lora = self.dropout(self.up(self.down(x.to(self.down.weight.dtype))))
         return y + self.scale * lora.to(y.dtype)
-
-    def delta_weight(self):
-        """scale * up @ down over the rank, in float32: (out, in, kh, kw). Exact, because a 1x1 stride-1
-        conv after a kxk conv is the kxk conv with the mixed weight (bias-free, same padding)."""
-        up = self.up.weight.float()[:, :, 0, 0]  # (out, r)
-        return self.scale * torch.einsum("or,rihw->oihw", up, self.down.weight.float())
 
     @torch.no_grad()
     def merge(self):
@@ -123,6 +58,47 @@ class LoRAConv2d(nn.Module):
             self.merged = False
 
 
+class LoRALinear(_LoRA):
+    """LoRA around a frozen nn.Linear (cloneofsimo/lora LoraInjectedLinear); x (..., in) -> (..., out)."""
+
+    def __init__(self, base, rank, scale=1.0, dropout=0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.down = nn.Linear(base.in_features, rank, **kw)
+        self.up = nn.Linear(rank, base.out_features, **kw)
+        self._init_branch(base, rank, scale, dropout)
+
+    def delta_weight(self):
+        """scale * up @ down in float32: (out, in)."""
+        return self.scale * (self.up.weight.float() @ self.down.weight.float())
+
+
+class LoRAConv2d(_LoRA):
+    """LoRA around a frozen nn.Conv2d: down has the base's kernel, stride, padding and dilation, up is 1x1
+    (cloneofsimo/lora LoraInjectedConv2d); x (B, C_in, H, W) -> (B, C_out, H', W')."""
+
+    def __init__(self, base, rank, scale=1.0, dropout=0.0):
+        super().__init__()
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"LoRAConv2d wraps an nn.Conv2d, got {type(base).__name__}")
+        if base.groups != 1:
+            raise ValueError(f"LoRAConv2d supports groups=1 only (got groups={base.groups}); "
+                             "grouped convs cannot be merged exactly")
+        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                              base.dilation, padding_mode=base.padding_mode, **kw)
+        self.up = nn.Conv2d(rank, base.out_channels, 1, **kw)
+        self._init_branch(base, rank, scale, dropout)
+
+    def delta_weight(self):
+        """scale * up @ down over the rank, in float32: (out, in, kh, kw). Exact, because a 1x1 stride-1
+        conv after a kxk conv is the kxk conv with the mixed weight (bias-free, same padding)."""
+        up = self.up.weight.float()[:, :, 0, 0]  # (out, r)
+        return self.scale * torch.einsum("or,rihw->oihw", up, self.down.weight.float())
+
+
 LORA_CLASSES = (LoRALinear, LoRAConv2d)
 
 # -----------------------------------------------------------------------------
@@ -130,7 +106,7 @@ LORA_CLASSES = (LoRALinear, LoRAConv2d)
 
 # Regexes, matched with re.search against the dotted paths of model.named_modules() (paths relative
 # to the module you pass); only nn.Linear / nn.Conv2d are wrapped. Each set hits exactly the layers
-# that the LaVi-Bridge release walk (class-based, see REFERENCE.md) hits, in the same order.
+# that the LaVi-Bridge release walk hits (its target classes' Linear/Conv2d layers), in the same order.
 _BLOCKS = r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)"
 LORA_TARGETS = {
     # SD / LDM U-Net: ResnetBlock2D, Attention, GEGLU inside down/mid/up blocks. Anchored at the
@@ -186,15 +162,13 @@ def inject(model, targets, rank, scale=1.0, dropout=0.0):
     return paths
 
 
-def unwrap_lora(model, merge=True):
-    """Replace every LoRA wrapper by its base layer (merged first when merge=True), which restores the
-    model's original state-dict keys. Returns the unwrapped paths."""
+def unwrap_lora(model):
+    """Fold every LoRA into its base layer and put the plain layer back in the wrapper's place, which restores
+    the model's original state-dict keys (sampling: no wrapper call per layer). Returns the unwrapped
+    paths."""
     paths = []
     for name, m in lora_modules(model):
-        if merge:
-            m.merge()
-        else:
-            m.unmerge()
+        m.merge()
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, m.base)
         paths.append(name)
@@ -206,14 +180,6 @@ def merge_lora(model):
     mods = lora_modules(model)
     for _, m in mods:
         m.merge()
-    return len(mods)
-
-
-def unmerge_lora(model):
-    """Undo merge_lora (subtract the same delta back). Returns how many modules there are."""
-    mods = lora_modules(model)
-    for _, m in mods:
-        m.unmerge()
     return len(mods)
 
 
@@ -237,11 +203,10 @@ def lora_state_dict(model):
 
 def save_lora(model, path, metadata=None):
     """Write lora_state_dict(model) as safetensors (metadata: optional {str: str})."""
-    from safetensors.torch import save_file
     sd = lora_state_dict(model)
     if not sd:
         raise ValueError("the model has no LoRA modules to save (call inject first)")
-    save_file({k: v.contiguous().cpu() for k, v in sd.items()}, path, metadata=metadata)
+    save_safetensors(sd, path, metadata)
 
 
 @torch.no_grad()
@@ -300,8 +265,9 @@ def import_release_list(model, tensors, injected_paths=None):
     if unknown:
         raise ValueError(f"not LoRA modules in this model (inject first): {unknown[:5]}")
     if len(tensors) != 2 * len(paths):
-        raise ValueError(f"release LoRA list has {len(tensors)} tensors ({len(tensors) / 2:g} pairs), but this "
-                         f"model has {len(paths)} injected LoRA modules: expected {len(paths)} pairs "
+        raise ValueError(f"release LoRA list has {len(tensors)} tensors ({len(tensors) / 2:g} pairs), "
+                         f"but this model has {len(paths)} injected LoRA modules: "
+                         f"expected {len(paths)} pairs "
                          f"({2 * len(paths)} tensors). Wrong target set or wrong model?")
     for i, p in enumerate(paths):
         m = mods[p]
