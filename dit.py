@@ -6,7 +6,6 @@ Module names equal diffusers' PixArtTransformer2DModel (Transformer2DModel with 
 original PixArt .pth layout needs only a small key map (map_pixart_key).
 """
 import math
-import os
 import re
 from dataclasses import dataclass, fields
 
@@ -15,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from model_io import apply_key_map, build_and_load, find_weight_file, load_weights, read_config
+from model_io import apply_key_map, build_and_load, open_checkpoint
 from unet import checkpointed, timestep_features
 
 # -----------------------------------------------------------------------------
@@ -63,7 +62,7 @@ class DiTConfig:
         Settings this implementation does not have raise a ValueError instead of being dropped."""
         config = dict(config)
         name = config.get("_class_name")
-        if name not in (None, "PixArtTransformer2DModel", "Transformer2DModel"):
+        if name not in (None, *DIT_CLASSES):
             raise ValueError(f"config.json is for {name}; DiT loads PixArtTransformer2DModel or "
                              f"Transformer2DModel with norm_type 'ada_norm_single'")
         # values fixed by this implementation (PixArt-XL-2); anything else is another architecture
@@ -92,6 +91,7 @@ class DiTConfig:
         return cls(**{k: v for k, v in config.items() if k in ours})
 
 
+DIT_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")  # the diffusers classes of this DiT
 DIT_PRESETS = {
     "pixart-512": DiTConfig(sample_size=64),                                    # PixArt-XL-2-512x512
     "pixart-1024": DiTConfig(sample_size=128, use_additional_conditions=True),  # PixArt-XL-2-1024-MS
@@ -358,18 +358,11 @@ class DiT(nn.Module):
         transformer/), or a single weight file in diffusers or original PixArt layout (.pth /
         .safetensors, config inferred from keys and shapes unless `config` (a DiTConfig) is given).
         Built on the meta device and loaded by assignment: peak memory ~ one copy of the weights."""
-        if os.path.isdir(path):
-            if read_config(path) is None and os.path.isdir(os.path.join(path, "transformer")):
-                path = os.path.join(path, "transformer")  # a pipeline folder
-            diffusers_config = read_config(path)
-            if diffusers_config is None:
-                raise FileNotFoundError(f"{path} has no config.json (and no transformer/ subfolder): "
-                                        f"not a diffusers component or pipeline folder")
+        diffusers_config, sd, is_folder = open_checkpoint(path, ("transformer",), DIT_CLASSES, "DiT")
+        if is_folder:
             cfg = config or DiTConfig.from_diffusers(diffusers_config)
-            sd = load_weights(find_weight_file(path))
             sd = convert_state_dict(sd, what=path)
-        else:
-            sd = load_weights(path)
+        else:  # a single file: diffusers or original PixArt layout
             pos = sd.get("pos_embed", sd.get("module.pos_embed"))  # original-layout buffer (1, N, D)
             pos_tokens = pos.shape[1] if pos is not None else None
             sd = convert_state_dict(sd, what=path)

@@ -79,6 +79,31 @@ def read_config(folder):
         return json.load(f)
 
 
+def open_checkpoint(path, subfolders, class_names, what):
+    """-> (diffusers config dict or None, flat state dict, is_folder). A component folder (config.json +
+    weights), a pipeline folder (the first of `subfolders` present), or a single weight file (with the
+    config.json beside it, if any)."""
+    if os.path.isdir(path):
+        cfg = read_config(path)
+        if cfg is None:
+            for sub in subfolders:
+                if os.path.isfile(os.path.join(path, sub, "config.json")):
+                    return open_checkpoint(os.path.join(path, sub), subfolders, class_names, what)
+            configs = " or ".join(s + "/config.json" for s in subfolders)
+            raise FileNotFoundError(f"{path}: not a diffusers {what} folder (no config.json) nor a pipeline "
+                                    f"folder (no {configs})")
+        if cfg.get("_class_name", class_names[0]) not in class_names:
+            raise ValueError(f"{path} holds a {cfg['_class_name']}, not a {what} ({' / '.join(class_names)})")
+        try:
+            weights = find_weight_file(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{what} folder without weights: {e}") from None
+        return cfg, load_weights(weights), True
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} checkpoint not found: {path}")
+    return read_config(os.path.dirname(os.path.abspath(path))), load_weights(path), False
+
+
 def dataclass_from_dict(cls, d):
     """A config dataclass from the known fields of a config.json dict (lists become tuples)."""
     names = {f.name for f in fields(cls)}

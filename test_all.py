@@ -3009,8 +3009,9 @@ def test_base_method_trains_every_weight(tmp_path):
     """--preset shapes-base: a freshly initialised shapes base model through the same set-up and loop, every
     weight trained and saved (whole); its base.safetensors is a --vision shapes:PATH for a bridge."""
     torch.manual_seed(0)
-    res = train.main(small_args("", tmp_path, preset="shapes-base", method="base", lm="native", adapter="none",
-                                vision="shapes", lora_rank=0, steps=2, batch_size=4, save_every=2))
+    res = train.main(small_args("", tmp_path, preset="shapes-base", method="base", lm="native",
+                                adapter="none", vision="shapes", lora_rank=0, steps=2, batch_size=4,
+                                save_every=2))
     w, _, cfg, step, _ = model.read_checkpoint(str(tmp_path / "ckpt.safetensors"))
     assert step == 2 and cfg.lm == "native" and cfg.lora_rank == 0
     sd = {f"unet.{k}": v for k, v in res.bridge.denoiser.state_dict().items()}

@@ -6,7 +6,6 @@ this file.
 """
 import functools
 import math
-import os
 import re
 from dataclasses import dataclass
 
@@ -15,8 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from model_io import (apply_key_map, build_and_load, check_fixed, dataclass_from_dict, find_weight_file,
-                      load_weights, read_config)
+from model_io import apply_key_map, build_and_load, check_fixed, dataclass_from_dict, open_checkpoint
 
 # -----------------------------------------------------------------------------
 # building blocks (module names follow diffusers' state-dict keys, so its layout maps 1:1)
@@ -743,31 +741,6 @@ def _component(sd, prefix, path, what):
     return mine
 
 
-def _open_checkpoint(path, subfolders, class_names, what):
-    """-> (diffusers config dict or None, flat state dict, is_folder). A component folder (config.json +
-    weights), a pipeline folder (the first of `subfolders` present), or a single weight file (with the
-    config.json beside it, if any)."""
-    if os.path.isdir(path):
-        cfg = read_config(path)
-        if cfg is None:
-            for sub in subfolders:
-                if os.path.isfile(os.path.join(path, sub, "config.json")):
-                    return _open_checkpoint(os.path.join(path, sub), subfolders, class_names, what)
-            configs = " or ".join(s + "/config.json" for s in subfolders)
-            raise FileNotFoundError(f"{path}: not a diffusers {what} folder (no config.json) nor a pipeline "
-                                    f"folder (no {configs})")
-        if cfg.get("_class_name", class_names[0]) not in class_names:
-            raise ValueError(f"{path} holds a {cfg['_class_name']}, not a {what} ({' / '.join(class_names)})")
-        try:
-            weights = find_weight_file(path)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{what} folder without weights: {e}") from None
-        return cfg, load_weights(weights), True
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} checkpoint not found: {path}")
-    return read_config(os.path.dirname(os.path.abspath(path))), load_weights(path), False
-
-
 def _count(sd, pattern):
     """How many distinct values the (\\d+) group of `pattern` takes over the keys of sd."""
     return len({m[1] for k in sd if (m := re.match(pattern, k))})
@@ -822,7 +795,7 @@ def _infer(fn, sd, path):
 
 def _unet_checkpoint(path):
     """-> (UNetConfig, diffusers-layout state dict) for UNet.from_pretrained."""
-    cfg, sd, is_folder = _open_checkpoint(path, ("unet",), ("UNet2DConditionModel",), "U-Net")
+    cfg, sd, is_folder = open_checkpoint(path, ("unet",), ("UNet2DConditionModel",), "U-Net")
     if is_folder:
         return UNetConfig.from_diffusers(cfg), sd
     if any(k.startswith(UNET_PREFIX) for k in sd):  # original SD/LDM single file
@@ -841,7 +814,7 @@ def _unet_checkpoint(path):
 
 def _vae_checkpoint(path):
     """-> (VAEConfig, diffusers-layout state dict with the new attention names) for VAE.from_pretrained."""
-    cfg, sd, is_folder = _open_checkpoint(path, ("vae", "vqvae"), ("AutoencoderKL",), "VAE")
+    cfg, sd, is_folder = open_checkpoint(path, ("vae", "vqvae"), ("AutoencoderKL",), "VAE")
     if is_folder:
         return VAEConfig.from_diffusers(cfg), apply_key_map(sd, vae_key_from_old_diffusers)
     if any(k.startswith(VAE_PREFIX) for k in sd):  # original SD/LDM single file
