@@ -22,8 +22,15 @@ class NoiseSchedule:
     # options we do not implement: accepted only at their default value, else a clear error
     UNSUPPORTED = dict(trained_betas=None, thresholding=False, rescale_betas_zero_snr=False)
 
+    REMAP = {}  # key -> {value: value}: diffusers' own re-registration of another class's values
+
     def __init__(self, config=None):
         config = dict(config or {})
+        for k in config.pop("_use_default_values", None) or []:  # an in-memory config's class defaults
+            config.pop(k, None)
+        for k, table in self.REMAP.items():
+            if config.get(k) in table:
+                config[k] = table[config[k]]
         for k, default in self.UNSUPPORTED.items():
             if config.get(k, default) != default:
                 raise ValueError(f"{type(self).__name__}: scheduler option {k}={config[k]!r} is not "
@@ -192,7 +199,9 @@ class DDPM(NoiseSchedule):
 class DPMSolver(NoiseSchedule):
     """DPM-Solver++(2M) (Lu et al. 2022), as diffusers' DPMSolverMultistepScheduler defaults
     (solver_order 2, dpmsolver++, midpoint, final sigma zero: the last step is first order).
-    Multistep: it keeps the previous step's x0 prediction; call reset() before each trajectory."""
+    Multistep: it keeps the previous step's x0 prediction; timesteps(n) or reset() starts a trajectory."""
+    REMAP = {"solver_type": {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"},
+             "algorithm_type": {"deis": "dpmsolver++"}}
     DEFAULTS = dict(NoiseSchedule.DEFAULTS, timestep_spacing="linspace")
     UNSUPPORTED = dict(NoiseSchedule.UNSUPPORTED, solver_order=2, algorithm_type="dpmsolver++",
                        solver_type="midpoint", final_sigmas_type="zero", euler_at_final=False,
@@ -210,6 +219,7 @@ class DPMSolver(NoiseSchedule):
 
     def timesteps(self, n):
         """As DPMSolverMultistepScheduler.set_timesteps(n): n + 1 points, the last (0 side) dropped."""
+        self.reset()
         N, c = self.num_train_timesteps, self.config
         if not 0 < n <= N:
             raise ValueError(f"number of sampling steps must be in 1..{N}, got {n}")
@@ -256,7 +266,235 @@ class DPMSolver(NoiseSchedule):
         return out.to(model_output.dtype)
 
 
-SCHEDULERS = {"ddim": DDIM, "ddpm": DDPM, "dpmsolver": DPMSolver}
+def _alpha_sigma(sigma):
+    """(sqrt(a), sqrt(1 - a)) of a VE sigma = sqrt((1 - a) / a), as diffusers computes them."""
+    alpha = 1 / ((sigma ** 2 + 1) ** 0.5)
+    return alpha, sigma * alpha
+
+
+class UniPC(DPMSolver):
+    """UniPC multistep (Zhao et al. 2023): a predictor, and a corrector on every step but the first, of
+    orders 1-3 with the B(h) of bh1 or bh2, on x0 predictions; as diffusers' UniPCMultistepScheduler
+    (lower_order_final, disable_corrector, final_sigmas_type). final_sigmas_type "zero" ends on the x0
+    prediction; "sigma_min" ends at sigma(t=0), as every diffusers before 0.28 did (the LaVi-Bridge
+    release's 0.24 among them).
+    Multistep: timesteps(n) starts a trajectory; the steps then follow its timesteps in order."""
+    DEFAULTS = dict(NoiseSchedule.DEFAULTS, timestep_spacing="linspace", solver_order=2, solver_type="bh2",
+                    lower_order_final=True, disable_corrector=(), final_sigmas_type="zero")
+    UNSUPPORTED = dict(NoiseSchedule.UNSUPPORTED, predict_x0=True, solver_p=None, use_karras_sigmas=False,
+                       use_exponential_sigmas=False, use_beta_sigmas=False, use_flow_sigmas=False,
+                       use_dynamic_shifting=False)
+    REMAP = {"solver_type": {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}}
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        c = self.config
+        if c["solver_order"] not in (1, 2, 3) or c["solver_type"] not in ("bh1", "bh2"):
+            raise ValueError(f"UniPC: solver_order {c['solver_order']!r} / solver_type "
+                             f"{c['solver_type']!r} are not supported (1, 2, 3 / bh1, bh2)")
+        if c["final_sigmas_type"] not in ("zero", "sigma_min"):
+            raise ValueError(f"UniPC: final_sigmas_type {c['final_sigmas_type']!r} (zero or sigma_min)")
+        a0 = self.alphas_cumprod[0]
+        sigma_min = c["final_sigmas_type"] == "sigma_min"
+        self.sigma_last = ((1 - a0) / a0) ** 0.5 if sigma_min else torch.tensor(0.0)
+        self._n = None
+
+    def reset(self):
+        self._hist, self._last_sample, self._order, self._warm, self._i = [], None, 1, 0, 0
+
+    def timesteps(self, n):
+        ts = super().timesteps(n)
+        self._n = len(ts)
+        return ts
+
+    def _x0(self, out, x, sigma):
+        alpha, s = _alpha_sigma(sigma)
+        if self.prediction_type == "epsilon":
+            return (x - s * out) / alpha
+        if self.prediction_type == "v_prediction":
+            return alpha * x - s * out
+        return out
+
+    def _update(self, x, sigma_to, order, m_new=None):
+        """From the newest history entry (sigma_s0, m0) to sigma_to, with the order - 1 entries before it:
+        the predictor, or with m_new (the model's x0 at sigma_to) the corrector."""
+        dev = x.device
+        sigma_s0, m0 = self._hist[-1]
+        alpha_t, sigma_t = _alpha_sigma(sigma_to.to(dev))
+        alpha_s0, sigma_s0 = _alpha_sigma(sigma_s0.to(dev))
+        lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+        h = torch.log(alpha_t) - torch.log(sigma_t) - lambda_s0
+        rks, d1s = [], []
+        for k in range(1, order):
+            sigma_k, m_k = self._hist[-(k + 1)]
+            alpha_k, s_k = _alpha_sigma(sigma_k.to(dev))
+            rk = (torch.log(alpha_k) - torch.log(s_k) - lambda_s0) / h
+            rks.append(rk)
+            d1s.append((m_k - m0) / rk)
+        rks = torch.stack(rks + [torch.ones((), device=dev)])
+        hh = -h  # x0 prediction
+        h_phi_1 = torch.expm1(hh)  # h phi_1(h) = e^h - 1
+        h_phi_k, factorial = h_phi_1 / hh - 1, 1
+        b_h = hh if self.config["solver_type"] == "bh1" else torch.expm1(hh)
+        rows, b = [], []
+        for j in range(1, order + 1):
+            rows.append(torch.pow(rks, j - 1))
+            b.append(h_phi_k * factorial / b_h)
+            factorial *= j + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        rows, b = torch.stack(rows), torch.stack(b)  # (order, order), (order,)
+        x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
+        d1s = torch.stack(d1s, dim=1) if d1s else None  # (B, order - 1, C, H, W)
+        if m_new is None:  # predictor
+            if d1s is None:
+                return x_t.to(x.dtype)
+            rhos = torch.ones(1, dtype=x.dtype, device=dev) * 0.5 if order == 2 else \
+                torch.linalg.solve(rows[:-1, :-1], b[:-1]).to(dev).to(x.dtype)
+            return (x_t - alpha_t * b_h * torch.einsum("k,bkc...->bc...", rhos, d1s)).to(x.dtype)
+        rhos = torch.ones(1, dtype=x.dtype, device=dev) * 0.5 if order == 1 else \
+            torch.linalg.solve(rows, b).to(dev).to(x.dtype)
+        res = torch.einsum("k,bkc...->bc...", rhos[:-1], d1s) if d1s is not None else 0
+        return (x_t - alpha_t * b_h * (res + rhos[-1] * (m_new - m0))).to(x.dtype)
+
+    def step(self, model_output, x, t, t_prev, generator=None):
+        """One UniPC step at timestep t of the trajectory timesteps(n) started, to t_prev (< 0: the end):
+        the corrector for the previous step with this model output, then the predictor."""
+        c, t, t_prev = self.config, int(t), int(t_prev)
+        sigma = self.sigmas[t]
+        m = self._x0(model_output, x, sigma.to(x.device))
+        if self._i > 0 and self._i - 1 not in c["disable_corrector"] and self._last_sample is not None:
+            x = self._update(self._last_sample, sigma, self._order, m_new=m)
+        self._hist = (self._hist + [(sigma, m)])[-c["solver_order"]:]
+        order = c["solver_order"]
+        if c["lower_order_final"] and self._n is not None:
+            order = min(order, self._n - self._i)
+        self._order = min(order, self._warm + 1)  # warm-up: order k needs k - 1 earlier steps
+        self._last_sample = x
+        out = self._update(x, self.sigmas[t_prev] if t_prev >= 0 else self.sigma_last, self._order)
+        self._warm = min(self._warm + 1, c["solver_order"])
+        self._i += 1
+        return out
+
+
+class PNDM(NoiseSchedule):
+    """PNDM (Liu et al. 2022), as diffusers' PNDMScheduler: with skip_prk_steps (SD1.4's file) PLMS, a
+    Heun-like start then linear multistep of orders 2-4 on the noise predictions (CompVis' PLMS, which
+    GlueGen's demos run, takes the same steps); without, 3 pseudo Runge-Kutta steps (4 calls each) first.
+    The transfer is PNDM's eq. 9 (= a DDIM step). Multistep: timesteps(n) starts a trajectory, whose n + 1
+    (PLMS) or n + 9 (PRK) entries the steps follow in order; step() takes t_prev from its own counter."""
+    DEFAULTS = dict(NoiseSchedule.DEFAULTS, skip_prk_steps=False, set_alpha_to_one=False)
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        if self.prediction_type == "sample":
+            raise ValueError("PNDM: prediction_type 'sample' is not supported (epsilon, v_prediction)")
+        one = self.config["set_alpha_to_one"]
+        self.final_alpha_cumprod = torch.tensor(1.0) if one else self.alphas_cumprod[0]
+        self._n, self._prk = None, 0
+
+    def reset(self):
+        self._counter, self._ets, self._cur_out, self._cur_sample = 0, [], 0, None
+
+    def _base(self, n):
+        """The n timesteps, ascending, of PNDMScheduler.set_timesteps(n) before PRK / PLMS arrange them."""
+        N, c = self.num_train_timesteps, self.config
+        if not 0 < n <= N:
+            raise ValueError(f"number of sampling steps must be in 1..{N}, got {n}")
+        if c["timestep_spacing"] == "linspace":
+            return np.linspace(0, N - 1, n).round().astype(np.int64)
+        if c["timestep_spacing"] == "leading":
+            return (np.arange(n) * (N // n)).round() + c["steps_offset"]
+        return np.round(np.arange(N, 0, -N / n))[::-1].astype(np.int64) - 1
+
+    def timesteps(self, n):
+        self.reset()
+        base, self._n = self._base(n), n
+        if self.config["skip_prk_steps"]:
+            prk, plms = np.array([]), np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
+        else:
+            half = self.num_train_timesteps // n // 2
+            prk = np.array(base[-4:]).repeat(2) + np.tile(np.array([0, half]), 4)
+            prk, plms = prk[:-1].repeat(2)[1:-1][::-1], base[:-3][::-1]
+        self._prk_ts, self._prk = prk, len(prk)
+        return torch.from_numpy(np.concatenate([prk, plms]).astype(np.int64))
+
+    def prev_timesteps(self, n):
+        """The timestep each entry of timesteps(n) steps to (PRK half steps; PLMS t - 1000 // n, the repeated
+        second entry restarting from the first), -1 or below at the clean end."""
+        ts, d = self.timesteps(n).tolist(), self.num_train_timesteps // n
+        prev = []
+        for i, t in enumerate(ts):
+            if i < self._prk:
+                prev.append(t - (0 if i % 2 else d // 2))
+            else:
+                prev.append(t if i - self._prk == 1 and self.config["skip_prk_steps"] else t - d)
+        self.reset()
+        return torch.tensor(prev)
+
+    def _transfer(self, x, t, t_prev, e):
+        """PNDM eq. 9: x_t -> x_{t_prev} with the noise estimate e (v converted at t)."""
+        ac = self._ac(x.device)
+        a_t = ac[t]
+        a_prev = ac[t_prev] if t_prev >= 0 else self.final_alpha_cumprod.to(x.device)
+        b_t, b_prev = 1 - a_t, 1 - a_prev
+        if self.prediction_type == "v_prediction":
+            e = a_t ** 0.5 * e + b_t ** 0.5 * x
+        denom = a_t * b_prev ** 0.5 + (a_t * b_t * a_prev) ** 0.5
+        return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * e / denom
+
+    def step(self, model_output, x, t, t_prev=None, generator=None):
+        """The next step of the trajectory timesteps(n) started (t is its current entry; t_prev follows from
+        the counter, as in diffusers)."""
+        t, d = int(t), self.num_train_timesteps // self._n
+        if self._counter < self._prk and not self.config["skip_prk_steps"]:
+            prev = t - (0 if self._counter % 2 else d // 2)
+            t = int(self._prk_ts[self._counter // 4 * 4])
+            k = self._counter % 4
+            if k == 0:
+                self._cur_out += 1 / 6 * model_output
+                self._ets.append(model_output)
+                self._cur_sample = x
+            elif k in (1, 2):
+                self._cur_out += 1 / 3 * model_output
+            else:
+                model_output = self._cur_out + 1 / 6 * model_output
+                self._cur_out = 0
+            start = self._cur_sample if self._cur_sample is not None else x
+            out = self._transfer(start, t, prev, model_output)
+            self._counter += 1
+            return out
+        prev = t - d
+        if self._counter != 1:
+            self._ets = self._ets[-3:] + [model_output]
+        else:  # the repeated entry: average with the first output and redo the first step
+            prev, t = t, t + d
+        e = self._ets
+        if len(e) == 1 and self._counter == 0:
+            self._cur_sample = x
+        elif len(e) == 1 and self._counter == 1:
+            model_output = (model_output + e[-1]) / 2
+            x, self._cur_sample = self._cur_sample, None
+        elif len(e) == 2:
+            model_output = (3 * e[-1] - e[-2]) / 2
+        elif len(e) == 3:
+            model_output = (23 * e[-1] - 16 * e[-2] + 5 * e[-3]) / 12
+        else:
+            model_output = 1 / 24 * (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4])
+        self._counter += 1
+        return self._transfer(x, t, prev, model_output)
+
+
+SCHEDULERS = {"ddim": DDIM, "ddpm": DDPM, "dpmsolver": DPMSolver, "unipc": UniPC, "pndm": PNDM}
+
+
+def make(name, config):
+    """Our scheduler `name` from any saved diffusers scheduler config, as diffusers' from_config builds the
+    class of that name from it: class defaults for the keys it lacks (and for an in-memory config's
+    _use_default_values), the keys of other classes ignored, diffusers' remapping of values (DPM-Solver's
+    solver_type "midpoint" is UniPC's "bh2"), and a clear error for options not implemented here."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name](config)
 
 # -----------------------------------------------------------------------------
 # the scheduler configs of the official pipelines, for checkpoints that come without one

@@ -1176,6 +1176,120 @@ def test_add_noise_velocity_target(pred):
         _close(eps_hat, noise[:1], 1e-5)
 
 
+# CompVis/stable-diffusion-v1-4 scheduler/scheduler_config.json and PixArt-XL-2-512x512's (hub files)
+SD_SCHEDULER_JSON = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.2.2", "beta_end": 0.012,
+                     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+                     "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                     "trained_betas": None, "clip_sample": False}
+PIXART_SCHEDULER_JSON = {"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.22.0.dev0",
+                         "algorithm_type": "dpmsolver++", "beta_end": 0.02, "beta_schedule": "linear",
+                         "beta_start": 0.0001, "dynamic_thresholding_ratio": 0.995, "euler_at_final": False,
+                         "lambda_min_clipped": -float("inf"), "lower_order_final": True,
+                         "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+                         "solver_order": 2,
+                         "solver_type": "midpoint", "steps_offset": 0, "thresholding": False,
+                         "timestep_spacing": "linspace", "trained_betas": None, "use_karras_sigmas": False,
+                         "use_lu_lambdas": False, "variance_type": None}
+# CompVis/ldm-text2im-large-256 scheduler/scheduler_config.json (a DDIMScheduler file of diffusers 0.0.x)
+LDM_SCHEDULER_JSON = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.0.4", "beta_end": 0.012,
+                      "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                      "num_train_timesteps": 1000, "timestep_values": None, "trained_betas": None}
+
+
+def diffusers_trajectory(ours, ref, n, shape=(2, 4, 8, 8), seed=0):
+    """(ours, reference) final samples of n steps from the same start on the same random model outputs."""
+    torch.manual_seed(seed)
+    x = torch.randn(*shape)
+    y = x.clone()
+    ts = ours.timesteps(n)
+    ref.set_timesteps(n)
+    assert torch.equal(ts, ref.timesteps)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for t, t_prev in zip(ts.tolist(), ours.prev_timesteps(n).tolist()):
+        out = torch.randn_like(x)
+        x = ours.step(out, x, t, t_prev, generator=g1)
+        kw = {"generator": g2} if isinstance(ours, schedulers.DDPM) else {}
+        y = ref.step(out, t, y, **kw).prev_sample
+    return x, y, ref
+
+
+UNIPC_CASES = list(itertools.product(CONFIGS, SPACINGS, ["epsilon", "v_prediction"], [1, 2, 3], ["bh1", "bh2"],
+                                     ["zero", "sigma_min"], [True, False], [10, 20, 50]))
+
+
+def _unipc_cases(cases):
+    from diffusers import UniPCMultistepScheduler
+    for name, spacing, pred, order, kind, final, corrector, n in cases:
+        c = dict(CONFIGS[name], timestep_spacing=spacing, prediction_type=pred, solver_order=order,
+                 solver_type=kind, final_sigmas_type=final, disable_corrector=[] if corrector else list(range(n)))
+        x, y, ref = diffusers_trajectory(schedulers.make("unipc", c), UniPCMultistepScheduler.from_config(c), n)
+        if kind == "bh1" and final == "zero":
+            # diffusers' last step is NaN there: B(h) = -h is -inf at sigma 0, times a zero correction; ours
+            # ends on the x0 prediction that step's own formula tends to, which diffusers holds as well
+            assert torch.isnan(y).all() and torch.equal(x, ref.model_outputs[-1]), (name, spacing, pred, order, n)
+        else:
+            assert torch.equal(x, y), (name, spacing, pred, order, kind, final, corrector, n)
+
+
+def test_unipc_matches_diffusers():
+    """UniPC (bh1, bh2, orders 1-3, final sigma zero / sigma_min, corrector on and off, eps and v, SD / PixArt /
+    LDM configs, all spacings, 10/20/50 steps) against UniPCMultistepScheduler: bit-identical. Every 23rd
+    case here; test_unipc_matches_diffusers_every_case runs all 2592."""
+    _unipc_cases(UNIPC_CASES[::23])
+
+
+@slow
+def test_unipc_matches_diffusers_every_case():
+    _unipc_cases(UNIPC_CASES)
+
+
+@pytest.mark.parametrize("prk", [True, False], ids=["prk", "plms"])
+def test_pndm_matches_diffusers(prk):
+    """PNDM with its pseudo Runge-Kutta start or PLMS (skip_prk_steps, SD1.4's), eps and v, the three configs,
+    all spacings, 10/20/50 steps, against PNDMScheduler: bit-identical; SD1.4's 50 PLMS timesteps repeat the
+    second (51 model calls)."""
+    from diffusers import PNDMScheduler
+    for name, spacing, pred, n in itertools.product(CONFIGS, SPACINGS, ["epsilon", "v_prediction"], [10, 20, 50]):
+        c = dict(CONFIGS[name], timestep_spacing=spacing, prediction_type=pred, skip_prk_steps=not prk)
+        x, y, _ = diffusers_trajectory(schedulers.make("pndm", c), PNDMScheduler.from_config(c), n)
+        assert torch.equal(x, y), (name, spacing, pred, n)
+    ts = schedulers.make("pndm", SD_SCHEDULER_JSON).timesteps(50).tolist()
+    assert len(ts) == 51 and ts[:4] == [981, 961, 961, 941] and ts[-1] == 1
+
+
+def test_every_scheduler_from_every_pipeline_file():
+    """The SD1.4 (PNDM), PixArt (DPM-Solver) and LDM (DDIM) scheduler files, and PNDM's in-memory config of
+    SD1.4 (with its _use_default_values), each built into each of our schedulers by schedulers.make: the
+    timesteps and steps of diffusers' from_config of that class, bit for bit."""
+    import diffusers
+    ref_classes = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler,
+                   "dpmsolver": diffusers.DPMSolverMultistepScheduler, "unipc": diffusers.UniPCMultistepScheduler,
+                   "pndm": diffusers.PNDMScheduler}
+    in_memory = dict(diffusers.PNDMScheduler.from_config(SD_SCHEDULER_JSON).config)
+    assert sorted(in_memory["_use_default_values"]) == ["prediction_type", "timestep_spacing"]
+    files = {"sd": SD_SCHEDULER_JSON, "pixart": PIXART_SCHEDULER_JSON, "ldm": LDM_SCHEDULER_JSON,
+             "sd in memory": in_memory}
+    assert set(ref_classes) == set(schedulers.SCHEDULERS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # diffusers names the keys of other classes it ignores
+        for (fname, f), (name, cls), n in itertools.product(files.items(), ref_classes.items(), [10, 50]):
+            x, y, _ = diffusers_trajectory(schedulers.make(name, f), cls.from_config(f), n, shape=(1, 4, 8, 8))
+            assert torch.equal(x, y), (fname, name, n)
+    # the remapping of another class's values, and an in-memory config's defaults, as diffusers does them
+    assert schedulers.make("unipc", PIXART_SCHEDULER_JSON).config["solver_type"] == "bh2"
+    schedulers.make("dpmsolver", {"solver_type": "bh1"})  # remapped to midpoint, the one implemented
+    with pytest.raises(ValueError, match="solver_type='heun'"):
+        schedulers.make("dpmsolver", {"solver_type": "heun"})
+    assert schedulers.make("unipc", in_memory).config["timestep_spacing"] == "linspace"
+    assert schedulers.make("pndm", in_memory).config["timestep_spacing"] == "leading"
+    with pytest.raises(ValueError, match="unknown scheduler 'euler'"):
+        schedulers.make("euler", SD_SCHEDULER_JSON)
+    with pytest.raises(ValueError, match="predict_x0"):
+        schedulers.make("unipc", {"predict_x0": False})
+    with pytest.raises(ValueError, match="solver_order"):
+        schedulers.make("unipc", {"solver_order": 4})
+
+
 def test_scheduler_config_errors_and_from_file(tmp_path):
     with pytest.raises(ValueError, match="beta_schedule"):
         schedulers.DDIM(dict(schedulers.SD_SCHEDULER, beta_schedule="squaredcos_cap_v2"))
@@ -2317,21 +2431,6 @@ TOK_WORDS = TOK_WORDS_MODEL + ["and"]
 UNET_TARGETS = {"ResnetBlock2D", "CrossAttention", "Attention", "GEGLU"}
 PIXART_TARGETS = {"Attention", "GEGLU"}  # PixArt's FF is a plain GELU MLP: only Attention is hit
 T5_TARGETS, LLAMA_TARGETS = {"T5Attention"}, {"LlamaAttention"}
-
-# CompVis/stable-diffusion-v1-4 scheduler/scheduler_config.json and PixArt-XL-2-512x512's (hub files)
-SD_SCHEDULER_JSON = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.2.2", "beta_end": 0.012,
-                     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-                     "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-                     "trained_betas": None, "clip_sample": False}
-PIXART_SCHEDULER_JSON = {"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.22.0.dev0",
-                         "algorithm_type": "dpmsolver++", "beta_end": 0.02, "beta_schedule": "linear",
-                         "beta_start": 0.0001, "dynamic_thresholding_ratio": 0.995, "euler_at_final": False,
-                         "lambda_min_clipped": -float("inf"), "lower_order_final": True,
-                         "num_train_timesteps": 1000,
-                         "prediction_type": "epsilon", "sample_max_value": 1.0, "solver_order": 2,
-                         "solver_type": "midpoint", "steps_offset": 0, "thresholding": False,
-                         "timestep_spacing": "linspace", "trained_betas": None, "use_karras_sigmas": False,
-                         "use_lu_lambdas": False, "variance_type": None}
 
 def psnr(a, b):
     mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
