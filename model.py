@@ -19,11 +19,11 @@ import shapes
 from adapter import GlueNet, GlueNetConfig, TextAdapter
 from dit import DiT
 from ldmbert import LDMBert
-from lora import (LORA_TARGETS, import_release_list, inject, load_lora, load_release_file, lora_state_dict,
-                  merge_lora, unwrap_lora)
+from lora import (LORA_TARGETS, export_release_list, import_release_list, inject, load_lora,
+                  load_release_file, lora_state_dict, merge_lora, unwrap_lora)
 from model_io import (hub_folder, load_strict, optimizer_state, optimizer_tensors, read_safetensors,
                       save_safetensors)
-from schedulers import DDPM, PIXART_SCHEDULER, SCHEDULERS, SD_SCHEDULER
+from schedulers import DDPM, PIXART_SCHEDULER, SD_SCHEDULER, make
 from unet import UNet, VAE
 
 # -----------------------------------------------------------------------------
@@ -337,6 +337,23 @@ class BridgeConfig:
     glue_mult: int = 2          # GlueNet hidden width = mult * width (GlueGen: 2)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a bridge samples unless told otherwise (sample.py's flags override each field)."""
+    scheduler: str = "ddim"
+    steps: int = 50
+    guidance: float = 7.5
+    prompt_suffix: str = ""     # appended to every positive prompt (never to the negative one)
+    scheduler_overrides: tuple = ()  # (key, value) over the pipeline's scheduler config, for `scheduler`
+
+
+# LaVi-Bridge's test/*.py: diffusers 0.24's UniPC from the pipeline's scheduler folder (its last sigma is
+# sigma(t=0), "sigma_min" in later diffusers), 50 steps, CFG 7.5, the suffix on the positive prompt
+RELEASE_SAMPLING = Sampling("unipc", 50, 7.5, ", best quality, extremely detailed, 4k resolution",
+                            (("final_sigmas_type", "sigma_min"),))
+SHAPES_SAMPLING = Sampling("ddim", shapes.STEPS, shapes.GUIDANCE)
+
+
 def upcast(x):
     """fp16/bf16 -> fp32 for losses and outputs; fp32 and fp64 stay as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -351,6 +368,7 @@ class Bridge(nn.Module):
         self.text, self.adapter, self.denoiser, self.vae = text, adapter, denoiser, vae
         self.lora_vis_paths, self.lora_text_paths = [], []
         self.train_sched = DDPM(scheduler_config)
+        self.sampling = SHAPES_SAMPLING if is_shapes(cfg.vision) else Sampling()
 
     @property
     def latent_channels(self):
@@ -411,8 +429,9 @@ class Bridge(nn.Module):
 
     @torch.no_grad()
     def sample(self, prompts, negative_prompt="", steps=50, guidance=7.5, height=None, width=None, seed=0,
-               scheduler="ddim", progress=True):
-        """Images (B, H, W, 3) uint8 for a list of prompts, with classifier-free guidance."""
+               scheduler="ddim", progress=True, scheduler_overrides=()):
+        """Images (B, H, W, 3) uint8 for a list of prompts, with classifier-free guidance; scheduler: a
+        schedulers.SCHEDULERS name, built from the pipeline's scheduler config updated by the overrides."""
         prompts = list(prompts)
         B = len(prompts)
         dev = next(self.denoiser.parameters()).device
@@ -428,7 +447,7 @@ class Bridge(nn.Module):
         g = torch.Generator("cpu").manual_seed(seed)
         x = torch.randn((B, self.latent_channels, height // f, width // f), generator=g, dtype=torch.float32)
         x = x.to(dev, dtype)
-        sched = SCHEDULERS[scheduler](self.scheduler_config)
+        sched = make(scheduler, {**self.scheduler_config, **dict(scheduler_overrides)})
         ts, prev = sched.timesteps(steps).tolist(), sched.prev_timesteps(steps).tolist()
         for t, t_prev in zip(tqdm(ts, desc="sampling", disable=not progress, leave=False), prev):
             tt = torch.full((2 * B,), t, device=dev, dtype=torch.long)
@@ -445,10 +464,13 @@ class Bridge(nn.Module):
 # building a bridge from its config
 
 
-def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True):
+def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dtype=None):
     """Load the frozen text encoder and vision model, add the adapter and LoRA as cfg says. cfg.lm "native" is
     the vision model's own text encoder (CLIP for SD, T5 for PixArt, LDMBert for LDM, the word encoder of
-    the shapes world). pretrained=False: the shapes base model freshly initialised (method base)."""
+    the shapes world). pretrained=False: the shapes base model freshly initialised (method base).
+    lm_dtype: the LM's weights, LoRA and activations in that dtype (its hidden states leave it in fp32). None:
+    the release's sampling recipe: where it ran the LM in fp16 (Llama-2), in fp16 on CUDA, and elsewhere in
+    `dtype` on weights rounded through fp16; any other LM in `dtype`."""
     denoiser, vae, sched, kind = load_vision(cfg.vision, dtype, device, pretrained)
     if cfg.lm == "native":
         text = load_native_encoder(cfg.vision, dtype, device, pretrained)
@@ -456,7 +478,11 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True):
         recipe = recipe_for(cfg.lm, kind)
         if cfg.max_length:
             recipe = replace(recipe, max_length=cfg.max_length)
-        text = TextEncoder.load(cfg.lm, recipe=recipe, dtype=dtype, device=device)
+        if lm_dtype is None and recipe.round_weights_fp16 and torch.device(device).type == "cuda":
+            lm_dtype = torch.float16
+        if lm_dtype is not None:  # the LM really in that dtype: nothing to emulate
+            recipe = replace(recipe, round_weights_fp16=False)
+        text = TextEncoder.load(cfg.lm, recipe=recipe, dtype=lm_dtype or dtype, device=device)
     for m in (denoiser, vae, text):
         m.requires_grad_(False).eval()
     bridge = Bridge(cfg, text, None, denoiser, vae, sched, kind)
@@ -569,13 +595,26 @@ def init_trainable(bridge, sd):
     return loaded
 
 
-def load_release(bridge, folder):
-    """A LaVi-Bridge release folder: adapter/, lora_vis.pt, lora_text.pt (flat lists in the release's walk
-    order)."""
-    need = ("adapter", "lora_vis.pt", "lora_text.pt")
-    missing = [n for n in need if not os.path.exists(os.path.join(folder, n))]
+RELEASE_FILES = ("adapter", "lora_vis.pt", "lora_text.pt")
+
+
+def read_release(folder):
+    """(vision LoRA list, LM LoRA list, their rank) of a LaVi-Bridge release folder (adapter/, lora_vis.pt,
+    lora_text.pt: flat lists [up_0, down_0, ...] in the release's module-walk order), checked before any model
+    is loaded: the files are there, and every LoRA pair has the one rank."""
+    missing = [n for n in RELEASE_FILES if not os.path.exists(os.path.join(folder, n))]
     if missing:
         raise FileNotFoundError(f"{folder} is not a LaVi-Bridge release folder: missing {', '.join(missing)}")
+    lists = [load_release_file(os.path.join(folder, n)) for n in RELEASE_FILES[1:]]
+    ranks = {up.shape[1] for lst in lists for up in lst[::2] if up.dim() >= 2}
+    if len(ranks) > 1:
+        raise ValueError(f"{folder}: its LoRA lists mix ranks {sorted(ranks)}")
+    return lists[0], lists[1], ranks.pop() if ranks else 0
+
+
+def load_release(bridge, folder, lists=None):
+    """Load a release folder's adapter and LoRA lists (read_release's, or read here) into a built bridge."""
+    vis_list, text_list, _ = lists or read_release(folder)
     adapter = TextAdapter.from_pretrained(os.path.join(folder, "adapter"))
     mine = bridge.adapter
     if mine is None or (adapter.in_dim, adapter.out_dim) != (mine.in_dim, mine.out_dim):
@@ -587,10 +626,23 @@ def load_release(bridge, folder):
         bridge.adapter = mine = TextAdapter(adapter.in_dim, adapter.mid_dim, adapter.out_dim,
                                             dropout=bridge.cfg.adapter_dropout).to(p.device, p.dtype)
     load_strict(mine, adapter.state_dict(), "adapter")
-    import_release_list(bridge.denoiser, load_release_file(os.path.join(folder, "lora_vis.pt")),
-                        bridge.lora_vis_paths)
-    import_release_list(bridge.text.model, load_release_file(os.path.join(folder, "lora_text.pt")),
-                        bridge.lora_text_paths)
+    import_release_list(bridge.denoiser, vis_list, bridge.lora_vis_paths)
+    import_release_list(bridge.text.model, text_list, bridge.lora_text_paths)
+
+
+def export_release(bridge, folder):
+    """Write a bridge in the release's format, for the official scripts and anything else that reads it:
+    adapter/ (config.json with the release's field names + diffusion_pytorch_model.safetensors) and
+    lora_vis.pt / lora_text.pt, fp16 lists [up_0, down_0, ...] in the release's module-walk order."""
+    if not isinstance(bridge.adapter, TextAdapter):
+        raise ValueError("the release format holds a TextAdapter bridge (adapter text), not "
+                         f"{type(bridge.adapter).__name__ if bridge.adapter is not None else 'no adapter'}")
+    bridge.adapter.save_pretrained(os.path.join(folder, "adapter"))
+    for name, net, paths in (("lora_vis.pt", bridge.denoiser, bridge.lora_vis_paths),
+                             ("lora_text.pt", bridge.text.model, bridge.lora_text_paths)):
+        path = os.path.join(folder, name)
+        torch.save(export_release_list(net, paths), path + ".tmp")  # the release's own format: a tensor list
+        os.replace(path + ".tmp", path)
 
 
 def save_checkpoint(path, bridge, step, train_args=None, optimizer=None, extra=None, whole=False, log=None):
@@ -628,17 +680,25 @@ def read_log(path):
     return [tuple(r) for r in json.loads(read_safetensors(path, "checkpoint")[1].get("log", "[]"))]
 
 
-def load_bridge(path, dtype=torch.float32, device="cpu", use_ema=True, merge=False, **overrides):
+def load_bridge(path, dtype=torch.float32, device="cpu", use_ema=True, merge=False, lm_dtype=None,
+                **overrides):
     """A bridge from a train.py checkpoint file (its EMA weights when it has them and use_ema), or from a
-    LaVi-Bridge release folder plus overrides (lm, vision, lora_rank). merge=True folds the LoRA into the
-    plain layers (sampling); else the LoRA wrappers stay, unmerged."""
+    LaVi-Bridge release folder plus overrides (lm, vision; the LoRA rank is its files', lora_rank may only
+    repeat it), which then samples with the release's recipe (bridge.sampling). merge=True folds the LoRA into
+    the plain layers (sampling); else the LoRA wrappers stay, unmerged."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if os.path.isdir(path):
-        bridge = build_bridge(BridgeConfig(**overrides), dtype, device)
-        load_release(bridge, path)
+        lists = read_release(path)
+        rank = overrides.pop("lora_rank", lists[2])
+        if rank != lists[2]:
+            raise ValueError(f"--lora-rank {rank} does not match the release's LoRA lists (file rank "
+                             f"{lists[2]}, injected rank {rank}): leave --lora-rank out")
+        bridge = build_bridge(BridgeConfig(**overrides, lora_rank=rank), dtype, device, lm_dtype=lm_dtype)
+        load_release(bridge, path, lists)
+        bridge.sampling = RELEASE_SAMPLING
     else:
         weights, _, cfg, _, _ = read_checkpoint(path)
-        bridge = build_bridge(replace(cfg, **overrides), dtype, device)
+        bridge = build_bridge(replace(cfg, **overrides), dtype, device, lm_dtype=lm_dtype)
         ema = {k[4:]: v for k, v in weights.items() if k.startswith("ema.")}
         plain = {k: v for k, v in weights.items() if not k.startswith("ema.")}
         load_trainable(bridge, ema if ema and use_ema else plain)

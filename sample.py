@@ -1,5 +1,8 @@
 """
-Sample images from a bridge: a checkpoint that train.py wrote, or a LaVi-Bridge release folder.
+Sample images from a bridge: a checkpoint that train.py wrote, or a LaVi-Bridge release folder. A release
+folder samples with the release's recipe (UniPC as diffusers 0.24 runs it, 50 steps, CFG 7.5, the release's
+prompt suffix), a checkpoint with its own (DDIM, 50 steps, CFG 7.5; the shapes world 20 steps, CFG 1.5);
+every flag overrides its part, and the recipe used is printed.
 
 python sample.py            # the shapes world: out/shapes/ckpt.safetensors -> out/shapes/grid.png
 python sample.py --eval     # ... and its attribute accuracy on held-out captions
@@ -12,7 +15,7 @@ from PIL import Image
 
 import cpu
 import shapes
-from model import device_and_dtype, is_shapes, load_bridge, native_bridge
+from model import DTYPES, device_and_dtype, is_shapes, load_bridge, native_bridge
 from schedulers import SCHEDULERS
 
 
@@ -27,19 +30,19 @@ def get_parser():
     p.add_argument("--vision", default=None,
                    help="vision model (a release folder needs it; overrides a checkpoint's)")
     p.add_argument("--lora-rank", type=int, default=None,
-                   help="LoRA rank of a release folder (default 32, the release's); "
-                        "a checkpoint knows its own")
+                   help="only to insist on a rank: a release folder's LoRA lists and a checkpoint say theirs")
     # what to draw
     p.add_argument("--prompt", action="append",
                    help="a prompt (repeatable; default: the shapes demo prompts)")
     p.add_argument("--negative-prompt", default="", help="negative prompt, encoded with the same recipe")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"sampling steps (default 50; shapes {shapes.STEPS})")
-    p.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS),
-                   help="sampler (dpmsolver: DPM-Solver++ 2M, fewer steps)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bridge's recipe)")
+    p.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
+                   help="sampler (default: the bridge's recipe; dpmsolver: DPM-Solver++ 2M, fewer steps)")
     p.add_argument("--guidance", type=float, default=None,
-                   help=f"classifier-free guidance (default 7.5; shapes {shapes.GUIDANCE})")
+                   help="classifier-free guidance (default: the bridge's recipe)")
+    p.add_argument("--prompt-suffix", default=None,
+                   help="appended to every prompt, not the negative one (default: the recipe's; '' for none)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
     p.add_argument("--seed", type=int, default=0,
@@ -50,6 +53,9 @@ def get_parser():
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="weights dtype (bf16/fp16: CUDA only)")
+    p.add_argument("--lm-dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="the language model's weights, LoRA and activations (default: the release's, fp16 on "
+                        "CUDA for Llama-2; on a CPU fp32 on weights rounded through fp16)")
     p.add_argument("--eval", action="store_true",
                    help="shapes world: also print attribute accuracy on held-out captions")
     p.add_argument("--eval-n", type=int, default=48, help="images per evaluation set")
@@ -65,17 +71,27 @@ def main(args):
     if not os.path.exists(args.bridge):
         hint = " (train one first: python train.py)" if args.bridge.startswith("out/shapes") else ""
         raise SystemExit(f"no bridge at {args.bridge}{hint}")
+    if args.lm_dtype in ("bf16", "fp16") and device.type != "cuda":
+        raise SystemExit(f"--lm-dtype {args.lm_dtype} is for CUDA; on {device.type} the LM computes in fp32")
     bridge = load_bridge(args.bridge, dtype=dtype, device=device, merge=True, lm=args.lm, vision=args.vision,
-                         lora_rank=args.lora_rank)
+                         lora_rank=args.lora_rank, lm_dtype=DTYPES[args.lm_dtype] if args.lm_dtype else None)
     if device.type == "cpu":
         cpu.layout(bridge.denoiser)
     world = is_shapes(bridge.cfg.vision)
-    steps = args.steps or (shapes.STEPS if world else 50)
-    guidance = args.guidance if args.guidance is not None else (shapes.GUIDANCE if world else 7.5)
+    recipe = bridge.sampling
+    scheduler = args.scheduler or recipe.scheduler
+    steps = args.steps or recipe.steps
+    guidance = args.guidance if args.guidance is not None else recipe.guidance
+    suffix = args.prompt_suffix if args.prompt_suffix is not None else recipe.prompt_suffix
+    overrides = recipe.scheduler_overrides if scheduler == recipe.scheduler else ()
+    how = "".join(f" ({k} {v})" for k, v in overrides)
+    whose = "the release's recipe, flags override it" if os.path.isdir(args.bridge) else "flags override it"
+    print(f"sampling: {scheduler}{how}, {steps} steps, CFG {guidance:g}, prompt suffix {suffix!r} ({whose})")
     default = shapes.PROMPTS if world else ["a photograph of an astronaut riding a horse"]
     prompts = [p for p in (args.prompt or default) for _ in range(args.n)]
-    imgs = bridge.sample(prompts, negative_prompt=args.negative_prompt, steps=steps, guidance=guidance,
-                         height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler)
+    imgs = bridge.sample([p + suffix for p in prompts], negative_prompt=args.negative_prompt, steps=steps,
+                         guidance=guidance, height=args.height, width=args.width, seed=args.seed,
+                         scheduler=scheduler, scheduler_overrides=overrides)
     imgs = imgs.numpy()
     out = args.out or (os.path.join(os.path.dirname(args.bridge), "grid.png") if world else "samples")
     if len(imgs) == 1 and out.endswith(".png"):
@@ -93,7 +109,7 @@ def main(args):
         if not world:
             raise SystemExit("--eval measures the shapes world; this bridge is not one")
         sampling = dict(n=args.eval_n, sets=tuple(args.eval_sets.split(",")), steps=steps, guidance=guidance,
-                        scheduler=args.scheduler)
+                        scheduler=scheduler)
         base = native_bridge(bridge.cfg.vision, device=device)
         rows = {"base model + own encoder": shapes.evaluate_bridge(base, **sampling),
                 "bridge after training": shapes.evaluate_bridge(bridge, **sampling)}

@@ -1213,28 +1213,31 @@ def diffusers_trajectory(ours, ref, n, shape=(2, 4, 8, 8), seed=0):
     return x, y, ref
 
 
-UNIPC_CASES = list(itertools.product(CONFIGS, SPACINGS, ["epsilon", "v_prediction"], [1, 2, 3], ["bh1", "bh2"],
-                                     ["zero", "sigma_min"], [True, False], [10, 20, 50]))
+UNIPC_CASES = list(itertools.product(CONFIGS, SPACINGS, ["epsilon", "v_prediction"], [1, 2, 3],
+                                     ["bh1", "bh2"], ["zero", "sigma_min"], [True, False], [10, 20, 50]))
 
 
 def _unipc_cases(cases):
     from diffusers import UniPCMultistepScheduler
     for name, spacing, pred, order, kind, final, corrector, n in cases:
         c = dict(CONFIGS[name], timestep_spacing=spacing, prediction_type=pred, solver_order=order,
-                 solver_type=kind, final_sigmas_type=final, disable_corrector=[] if corrector else list(range(n)))
-        x, y, ref = diffusers_trajectory(schedulers.make("unipc", c), UniPCMultistepScheduler.from_config(c), n)
+                 solver_type=kind, final_sigmas_type=final,
+                 disable_corrector=[] if corrector else list(range(n)))
+        ref_scheduler = UniPCMultistepScheduler.from_config(c)
+        x, y, ref = diffusers_trajectory(schedulers.make("unipc", c), ref_scheduler, n)
         if kind == "bh1" and final == "zero":
             # diffusers' last step is NaN there: B(h) = -h is -inf at sigma 0, times a zero correction; ours
             # ends on the x0 prediction that step's own formula tends to, which diffusers holds as well
-            assert torch.isnan(y).all() and torch.equal(x, ref.model_outputs[-1]), (name, spacing, pred, order, n)
+            assert torch.isnan(y).all(), (name, spacing, pred, order, n)
+            assert torch.equal(x, ref.model_outputs[-1]), (name, spacing, pred, order, n)
         else:
             assert torch.equal(x, y), (name, spacing, pred, order, kind, final, corrector, n)
 
 
 def test_unipc_matches_diffusers():
-    """UniPC (bh1, bh2, orders 1-3, final sigma zero / sigma_min, corrector on and off, eps and v, SD / PixArt /
-    LDM configs, all spacings, 10/20/50 steps) against UniPCMultistepScheduler: bit-identical. Every 23rd
-    case here; test_unipc_matches_diffusers_every_case runs all 2592."""
+    """UniPC (bh1, bh2, orders 1-3, final sigma zero / sigma_min, corrector on and off, eps and v,
+    SD / PixArt / LDM configs, all spacings, 10/20/50 steps) against UniPCMultistepScheduler:
+    bit-identical. Every 23rd case here; test_unipc_matches_diffusers_every_case runs all 2592."""
     _unipc_cases(UNIPC_CASES[::23])
 
 
@@ -1249,7 +1252,8 @@ def test_pndm_matches_diffusers(prk):
     all spacings, 10/20/50 steps, against PNDMScheduler: bit-identical; SD1.4's 50 PLMS timesteps repeat the
     second (51 model calls)."""
     from diffusers import PNDMScheduler
-    for name, spacing, pred, n in itertools.product(CONFIGS, SPACINGS, ["epsilon", "v_prediction"], [10, 20, 50]):
+    for name, spacing, pred, n in itertools.product(CONFIGS, SPACINGS, ["epsilon", "v_prediction"],
+                                                    [10, 20, 50]):
         c = dict(CONFIGS[name], timestep_spacing=spacing, prediction_type=pred, skip_prk_steps=not prk)
         x, y, _ = diffusers_trajectory(schedulers.make("pndm", c), PNDMScheduler.from_config(c), n)
         assert torch.equal(x, y), (name, spacing, pred, n)
@@ -1263,7 +1267,8 @@ def test_every_scheduler_from_every_pipeline_file():
     timesteps and steps of diffusers' from_config of that class, bit for bit."""
     import diffusers
     ref_classes = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler,
-                   "dpmsolver": diffusers.DPMSolverMultistepScheduler, "unipc": diffusers.UniPCMultistepScheduler,
+                   "dpmsolver": diffusers.DPMSolverMultistepScheduler,
+                   "unipc": diffusers.UniPCMultistepScheduler,
                    "pndm": diffusers.PNDMScheduler}
     in_memory = dict(diffusers.PNDMScheduler.from_config(SD_SCHEDULER_JSON).config)
     assert sorted(in_memory["_use_default_values"]) == ["prediction_type", "timestep_spacing"]
@@ -1273,7 +1278,8 @@ def test_every_scheduler_from_every_pipeline_file():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # diffusers names the keys of other classes it ignores
         for (fname, f), (name, cls), n in itertools.product(files.items(), ref_classes.items(), [10, 50]):
-            x, y, _ = diffusers_trajectory(schedulers.make(name, f), cls.from_config(f), n, shape=(1, 4, 8, 8))
+            x, y, _ = diffusers_trajectory(schedulers.make(name, f), cls.from_config(f), n,
+                                           shape=(1, 4, 8, 8))
             assert torch.equal(x, y), (fname, name, n)
     # the remapping of another class's values, and an in-memory config's defaults, as diffusers does them
     assert schedulers.make("unipc", PIXART_SCHEDULER_JSON).config["solver_type"] == "bh2"
@@ -2424,6 +2430,7 @@ def test_collate():
 #
 
 STEPS, GUIDANCE, RANK = 10, 3.0, 4
+SUFFIX = ", best quality, extremely detailed, 4k resolution"  # test/*.py of the release: the positive prompt
 PROMPT = "a red circle above a blue square and a zebra"  # 'zebra' is not in the tiny vocabularies: unk
 TOK_WORDS = TOK_WORDS_MODEL + ["and"]
 
@@ -2680,24 +2687,34 @@ def reference_eps(combo, vis, x, t, ctx, mask):
 
 
 @torch.no_grad()
-def reference_sample(combo, tok, lm, adapter, vis, vae, sched_json, prompt, seed):
-    """The loop of the official test scripts, with DDIM (from the pipeline's scheduler config) for UniPC."""
-    from diffusers import DDIMScheduler
-    cond, mask = reference_embed(combo, tok, lm, adapter, prompt)
+def reference_sample(combo, tok, lm, adapter, vis, vae, sched_json, prompt, seed, release=False):
+    """The loop of the official test scripts: release=True as they are (diffusers 0.24's UniPC from the
+    pipeline's scheduler config, whose last sigma is sigma(t=0): "sigma_min" in the diffusers installed here;
+    50 steps, CFG 7.5, the suffix on the prompt); else with DDIM, STEPS steps, CFG GUIDANCE, no suffix."""
+    from diffusers import DDIMScheduler, UniPCMultistepScheduler
+    steps, guidance = (50, 7.5) if release else (STEPS, GUIDANCE)
+    cond, mask = reference_embed(combo, tok, lm, adapter, prompt + (SUFFIX if release else ""))
     uncond, nmask = reference_embed(combo, tok, lm, adapter, [""])
     ctx = torch.cat([uncond, cond])
     mask = None if mask is None else torch.cat([nmask, mask])
-    sched = DDIMScheduler.from_config(sched_json)
+    if release:
+        sched = UniPCMultistepScheduler.from_config(sched_json, final_sigmas_type="sigma_min")
+    else:
+        sched = DDIMScheduler.from_config(sched_json)
     s = vis.config.sample_size
-    latents = torch.randn((1, vis.config.in_channels, s, s),
-                          generator=torch.Generator("cpu").manual_seed(seed))
+    if release:  # the scripts' own draw from the global generator, seeded here just before it
+        torch.manual_seed(seed)
+        latents = torch.randn((1, vis.config.in_channels, s, s))
+    else:
+        latents = torch.randn((1, vis.config.in_channels, s, s),
+                              generator=torch.Generator("cpu").manual_seed(seed))
     latents = latents * sched.init_noise_sigma
-    sched.set_timesteps(STEPS)
+    sched.set_timesteps(steps)
     for t in sched.timesteps:
         inp = sched.scale_model_input(torch.cat([latents] * 2), timestep=t)
         out = reference_eps(combo, vis, inp, t, ctx, mask)
         u, c = out.chunk(2)
-        out = u + GUIDANCE * (c - u)
+        out = u + guidance * (c - u)
         if COMBOS[combo][1] == "pixart":
             out = out.chunk(2, dim=1)[0]  # learned sigma dropped
         latents = sched.step(out, t, latents).prev_sample
@@ -2742,9 +2759,10 @@ def test_sample_matches_official_recipe(world, tmp_path, combo):
     assert ref.shape == (32, 32, 3) and ref.std() > 10, "a degenerate reference image would prove nothing"
 
     out = str(tmp_path / "x.png")
-    run_sample("--bridge", release, "--lm", world[lm_key], "--vision", world[vis_key],
-               "--lora-rank", str(RANK), "--prompt", PROMPT, "--steps", str(STEPS),
-               "--guidance", str(GUIDANCE), "--seed", str(seed), "--out", out)
+    run_sample("--bridge", release, "--lm", world[lm_key], "--vision", world[vis_key], "--lora-rank",
+               str(RANK),
+               "--prompt", PROMPT, "--scheduler", "ddim", "--steps", str(STEPS), "--guidance", str(GUIDANCE),
+               "--prompt-suffix", "", "--seed", str(seed), "--out", out)
     ours = np.asarray(Image.open(out))
     p, p_plain = psnr(ours, ref), psnr(ref_plain, ref)
     print(f"\n{combo}: PSNR(sample.py, reference) = {p:.1f} dB (reference without LoRA: {p_plain:.1f} dB), "
@@ -2779,6 +2797,54 @@ def test_sample_matches_official_recipe(world, tmp_path, combo):
     t_ours = time.perf_counter() - t0
     assert np.array_equal(img, ours)  # sample.py is this bridge, merged
     print(f"{combo}: sampling time ours {t_ours:.3f} s, reference {t_ref:.3f} s, ratio {t_ours / t_ref:.2f}")
+
+
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_release_folder_samples_with_the_release_recipe(world, tmp_path, combo, capsys):
+    """sample.py on a release folder with no sampler flags and no --lora-rank (its lists have rank 4, not the
+    release's 32): the release's recipe, UniPC as diffusers 0.24 runs it, 50 steps, CFG 7.5, the suffix on the
+    prompt; its PNG equals the reference's."""
+    lm_key, vis_key = COMBOS[combo][:2]
+    tok, lm, vis, vae, sched_json = load_reference(world, combo)
+    release = str(tmp_path / "release")
+    make_release(release, combo, lm, vis, seed=7)
+    adapter = load_adapter(os.path.join(release, "adapter"))
+    for file, targets, net in (("lora_vis.pt", COMBOS[combo][2], vis),
+                               ("lora_text.pt", COMBOS[combo][3], lm)):
+        ref_inject(net, targets, torch.load(os.path.join(release, file), weights_only=True))
+    ref = reference_sample(combo, tok, lm, adapter, vis, vae, sched_json, PROMPT, 5, release=True)
+    out = str(tmp_path / "x.png")
+    run_sample("--bridge", release, "--lm", world[lm_key], "--vision", world[vis_key], "--prompt", PROMPT,
+               "--seed", "5", "--out", out)
+    assert f"sampling: unipc (final_sigmas_type sigma_min), 50 steps, CFG 7.5, prompt suffix {SUFFIX!r}" in \
+        capsys.readouterr().out
+    ours = np.asarray(Image.open(out))
+    print(f"{combo}: PSNR(sample.py, release recipe reference) = {psnr(ours, ref):.1f} dB")
+    assert psnr(ours, ref) >= 40 and ref.std() > 10
+    assert np.array_equal(ours, ref)
+
+
+def test_llama_dtypes(world):
+    """Llama-2's recipe: lm_dtype fp16 (sample.py's default on CUDA) puts the LM's weights, LoRA and
+    activations in fp16 and hands fp32 hidden states to the fp32 adapter; the CPU default computes in fp32
+    on the weights rounded through fp16 (the same weights); lm_dtype fp32 (train.py, as the release trains)
+    keeps them as the checkpoint has them."""
+    from transformers import LlamaForCausalLM
+    cfg = model.BridgeConfig(lm=world["llama"], vision=world["sd"], lora_rank=4)
+    b16 = model.build_bridge(cfg, lm_dtype=torch.float16)
+    assert {p.dtype for p in b16.text.parameters()} == {torch.float16}  # base weights and LoRA
+    assert {p.dtype for p in [*b16.adapter.parameters(), *b16.denoiser.parameters()]} == {torch.float32}
+    ids, mask = b16.text.tokenize(["a red circle"])
+    with torch.no_grad():
+        h, _ = b16.text(ids, mask)
+        assert h.dtype == torch.float32 and b16.encode_text(["a red circle"])[0].dtype == torch.float32
+    cpu_default, train_fp32 = (model.build_bridge(cfg, lm_dtype=d).text.model.state_dict()
+                               for d in (None, torch.float32))
+    name = "layers.0.mlp.up_proj.weight"  # not under LoRA: the same key in every model
+    half = b16.text.model.state_dict()[name].float()
+    raw = LlamaForCausalLM.from_pretrained(world["llama"]).model.state_dict()[name]
+    assert torch.equal(cpu_default[name], half) and not torch.equal(train_fp32[name], half)
+    assert torch.equal(train_fp32[name], raw)
 
 
 def test_checkpoint_round_trip(world, tmp_path):
@@ -2965,6 +3031,35 @@ def test_resume_equals_straight_run(shapes_base, tmp_path):
     assert model.read_log(str(tmp_path / "resumed" / "ckpt.safetensors")) == resumed.log
 
 
+def test_export_release_round_trip(shapes_base, tmp_path, capsys):
+    """train.py --export-release writes a release folder (adapter/ with the release's config keys, fp16 LoRA
+    lists in its walk order, readable with weights_only=True); sampled as a release, it gives the image of
+    the checkpoint; --resume true on the finished run only exports."""
+    out, rel = tmp_path / "run", tmp_path / "release"
+    train.main(small_args(shapes_base, out, lm="minilm", lora_lm=True, steps=2, export_release=str(rel)))
+    assert "written as a release folder" in capsys.readouterr().out
+    with open(rel / "adapter" / "config.json") as f:
+        assert {"_class_name": "TextAdapter", "in_dim": 384, "out_dim": 64}.items() <= json.load(f).items()
+    vis, text = (torch.load(rel / n, weights_only=True) for n in ("lora_vis.pt", "lora_text.pt"))
+    assert vis and text and all(t.dtype == torch.float16 for t in vis + text) and vis[0].shape[1] == 4
+    bridge = model.load_bridge(str(out / "ckpt.safetensors"))
+    assert len(vis) == 2 * len(bridge.lora_vis_paths) and len(text) == 2 * len(bridge.lora_text_paths)
+    flags = ["--prompt", "a small red circle on the left", "--scheduler", "ddim", "--steps", "4",
+             "--guidance", "2", "--prompt-suffix", ""]
+    run_sample("--bridge", str(out / "ckpt.safetensors"), *flags, "--out", str(tmp_path / "ckpt.png"))
+    run_sample("--bridge", str(rel), "--lm", "minilm", "--vision", f"shapes:{shapes_base}", *flags,
+               "--out", str(tmp_path / "release.png"))
+    a, b = (np.asarray(Image.open(tmp_path / n)) for n in ("ckpt.png", "release.png"))
+    print(f"export round trip: PSNR {psnr(a, b):.1f} dB")
+    assert psnr(a, b) >= 40 and a.std() > 0
+    shutil.rmtree(rel)
+    train.main(small_args(shapes_base, out, lm="minilm", lora_lm=True, steps=2, resume=True,
+                          export_release=str(rel)))
+    assert torch.load(rel / "lora_vis.pt", weights_only=True)[0].shape == vis[0].shape
+    with pytest.raises(SystemExit, match="TextAdapter bridge"):
+        train.main(small_args(shapes_base, tmp_path / "g", method="gluenet", export_release=str(rel)))
+
+
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(shapes_base, tmp_path, monkeypatch):
     forward = model.Bridge.forward
     calls = {"n": 0}
@@ -3129,7 +3224,9 @@ def test_presets_and_flags():
     a = train.resolve_args(p.parse_args([]))
     assert a.preset == "shapes" and a.lm == "minilm" and a.vision == "shapes"
     a = train.resolve_args(p.parse_args(["--lm", "llama2", "--vision", "sd14"]))
-    assert (a.lr_vision, a.lr_lm, a.lr_adapter, a.warmup, a.lora_rank) == (1e-4, 5e-6, 1e-4, 500, 32)
+    # the release's schedule: flat from step 0 (its 500 warm-up steps go to diffusers' "constant", which
+    # ignores them)
+    assert (a.lr_vision, a.lr_lm, a.lr_adapter, a.warmup, a.lora_rank) == (1e-4, 5e-6, 1e-4, 0, 32)
     a = train.resolve_args(p.parse_args(["--preset", "t5-pixart", "--lr-lm", "1e-5"]))
     assert (a.vision, a.lr_vision, a.lr_lm) == ("pixart-512", 2e-5, 1e-5)
     assert train.lr_at(0, 1.0, 4) == 0.25 and train.lr_at(10, 1.0, 4) == 1.0

@@ -30,8 +30,8 @@ import data
 import shapes
 from adapter import GLUEGEN_LOSS_WEIGHTS, alignment_loss, gluenet_losses
 from lora import lora_parameters
-from model import (BridgeConfig, build_bridge, device_and_dtype, init_trainable, is_shapes,
-                   load_native_encoder, load_trainable, native_bridge, read_checkpoint, read_log,
+from model import (DTYPES, BridgeConfig, build_bridge, device_and_dtype, export_release, init_trainable,
+                   is_shapes, load_native_encoder, load_trainable, native_bridge, read_checkpoint, read_log,
                    save_checkpoint, trainable_tensors)
 from unet import set_grad_checkpointing
 
@@ -43,9 +43,10 @@ DEFAULTS = dict(
     lora_rank=32, lora_lm=True, lora_vision=True, lora_dropout=0.1, max_length=0,
     data="shapes", size=512, flip=True, latent_cache="", num_workers=2,
     steps=1000, batch_size=1, grad_accum=1, lr_vision=1e-4, lr_lm=5e-6, lr_adapter=1e-4, weight_decay=1e-2,
-    warmup=500, grad_clip=1.0, caption_dropout=0.0, ema=0.0,
-    dtype="fp32", compile=False, grad_checkpointing=False, cpu_layout=False, device="", seed=0,
-    out="out/bridge", resume=False, init_from="", log_every=10, save_every=500, sample_every=0,
+    warmup=0, grad_clip=1.0, caption_dropout=0.0, ema=0.0,
+    dtype="fp32", lm_dtype="", compile=False, grad_checkpointing=False, cpu_layout=False, device="", seed=0,
+    out="out/bridge", resume=False, init_from="", export_release="", log_every=10, save_every=500,
+    sample_every=0,
     sample_prompts="a photo of a cat|a red car in the snow", eval=False, eval_n=48,
     eval_sets="seen,unseen,paraphrase",
     # text-only methods (gluenet, align): GlueGen's loss weights and scales, the staged recipe's stage-1 loss
@@ -56,7 +57,8 @@ DEFAULTS = dict(
 SHAPES_DATA = dict(vision="shapes", data="shapes", size=32, batch_size=32, caption_dropout=0.1, log_every=10,
                    eval=True)
 PRESETS = {
-    # the LaVi-Bridge releases: AdamW wd 1e-2, clip 1.0, 512 px, their learning rates
+    # the LaVi-Bridge releases: AdamW wd 1e-2, clip 1.0, 512 px, their learning rates, flat from step 0 (their
+    # scripts pass 500 warm-up steps to diffusers' "constant" schedule, which ignores them)
     "t5-sd14": dict(lm="t5-large", vision="sd14"),
     "llama2-sd14": dict(lm="llama2", vision="sd14"),
     "t5-pixart": dict(lm="t5-large", vision="pixart-512", lr_vision=2e-5, lr_adapter=2e-5),
@@ -136,13 +138,16 @@ def get_parser():
     p.add_argument("--lr-lm", type=float, help="LR of the LM LoRA")
     p.add_argument("--lr-adapter", type=float, help="LR of the adapter (base: of the word encoder)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
-    p.add_argument("--warmup", type=int, help="linear warm-up steps, then constant")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps, then constant (0: flat, the release's)")
     p.add_argument("--grad-clip", type=float, help="gradient-norm clip (0: off)")
     p.add_argument("--caption-dropout", type=float, help="probability of an empty caption (for CFG)")
     p.add_argument("--ema", type=float, help="EMA decay of the trainable weights (0: off)")
     # system
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "fp64"],
                    help="AMP compute dtype (bf16/fp16: CUDA only); fp64 for exact numerical checks")
+    p.add_argument("--lm-dtype", choices=["fp32", "bf16", "fp16"],
+                   help="the frozen language model's weights (default: the compute dtype; its LoRA trains in "
+                        "fp32)")
     p.add_argument("--compile", type=b, help="torch.compile the bridge")
     p.add_argument("--grad-checkpointing", type=b, help="recompute vision activations in backward")
     p.add_argument("--cpu-layout", type=b,
@@ -154,6 +159,9 @@ def get_parser():
     p.add_argument("--out", help="output folder (checkpoint ckpt.safetensors, samples/)")
     p.add_argument("--resume", type=b, help="continue from OUT/ckpt.safetensors")
     p.add_argument("--init-from", help="initialise the trainable weights from a checkpoint (a new run)")
+    p.add_argument("--export-release",
+                   help="at the end, also write the bridge as a LaVi-Bridge release folder (adapter/, "
+                        "lora_vis.pt, lora_text.pt) here; with --resume true on a finished run: export only")
     p.add_argument("--log-every", type=int, help="steps between log lines and NaN checks")
     p.add_argument("--save-every", type=int, help="steps between checkpoints")
     p.add_argument("--sample-every", type=int, help="steps between sample grids (0: off)")
@@ -224,16 +232,20 @@ def bridge_config(args, native=None):
 
 
 def build(args, env, native=None):
-    """The bridge, its frozen parts in the compute dtype and its trainable parts in fp32 (fp64 with --dtype
-    fp64); method base trains every weight of a freshly initialised shapes base model."""
+    """The bridge, its frozen parts in the compute dtype (the LM's in --lm-dtype) and its trainable parts in
+    fp32 (fp64 with --dtype fp64); the LM's weights as its checkpoint has them (the release trains Llama-2 in
+    fp32). Method base trains every weight of a freshly initialised shapes base model."""
     whole = args.method == "base"
-    bridge = build_bridge(bridge_config(args, native), env.wdtype, env.device, pretrained=not whole)
+    bridge = build_bridge(bridge_config(args, native), env.wdtype, env.device, pretrained=not whole,
+                          lm_dtype=env.wdtype)
     if whole:
         bridge.denoiser.requires_grad_(True)
         bridge.text.requires_grad_(True)
+    lm = {id(p) for p in bridge.text.parameters()}
+    lm_dtype = DTYPES[args.lm_dtype] if args.lm_dtype else env.ptdtype
     for p in bridge.parameters():
         if not p.requires_grad:
-            p.data = p.data.to(env.ptdtype)
+            p.data = p.data.to(lm_dtype if id(p) in lm else env.ptdtype)
     # recompute the vision model's blocks in backward instead of keeping activations
     if args.grad_checkpointing:
         set_grad_checkpointing(bridge.denoiser)
@@ -573,6 +585,9 @@ def main(args):
     text_only, whole = args.method in TEXT_ONLY, args.method == "base"
     if text_only and int(os.environ.get("RANK", -1)) != -1:
         raise SystemExit(f"--method {args.method} trains on one process (it is cheap: no vision model runs)")
+    if args.export_release and (args.method not in ("lavi", "align") or args.adapter != "text"):
+        raise SystemExit("--export-release writes LaVi-Bridge's format: a TextAdapter bridge "
+                         "(--adapter text, --method lavi or align)")
     env = setup(args)
     torch.manual_seed(args.seed)
 
@@ -624,6 +639,10 @@ def main(args):
         print(batches.report())
     if shapes_eval and not stopped:
         shapes_report(args, env, raw, ema, before)
+    if args.export_release and env.master and not stopped:
+        with_weights(raw, ema, whole, lambda: export_release(raw, args.export_release))
+        print(f"the bridge at step {max(start, args.steps)} written as a release folder to "
+              f"{args.export_release}")
     if env.ddp:
         replicas_agree(env, raw, whole)
         dist.destroy_process_group()
