@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_io import find_weight_file, load_strict, load_weights, read_config, save_safetensors
+from model_io import (BadInput, MissingInput, find_weight_file, load_strict, load_weights, read_config,
+                      save_safetensors)
 from unet import FeedForward  # GEGLU(d -> 4d) -> Dropout -> Linear(4d -> d_out), keys net.0.proj / net.2
 
 # -----------------------------------------------------------------------------
@@ -38,7 +39,7 @@ class TextAdapter(nn.Module):
     def forward(self, x):
         """x: (B, T, in_dim) language-model hidden states -> (B, T, out_dim)."""
         if x.shape[-1] != self.in_dim:
-            raise ValueError(f"TextAdapter expects {self.in_dim}-d features, got shape {tuple(x.shape)}")
+            raise BadInput(f"TextAdapter expects {self.in_dim}-d features, got shape {tuple(x.shape)}")
         x = self.ff1(self.norm1(x))  # (B, T, mid_dim)
         return self.ff2(self.norm2(x))  # (B, T, out_dim)
 
@@ -52,16 +53,16 @@ class TextAdapter(nn.Module):
         """Read a release adapter/ folder (config.json + diffusion_pytorch_model.safetensors or .bin),
         strictly."""
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"TextAdapter folder not found: {folder}")
+            raise MissingInput(f"TextAdapter folder not found: {folder}")
         cfg = read_config(folder)
         if cfg is None:
-            raise FileNotFoundError(f"{folder}: no config.json (a LaVi-Bridge adapter/ folder holds "
+            raise MissingInput(f"{folder}: no config.json (a LaVi-Bridge adapter/ folder holds "
                                     "config.json and diffusion_pytorch_model.safetensors or .bin)")
         if cfg.get("_class_name", "TextAdapter") != "TextAdapter":
-            raise ValueError(f"{folder}/config.json describes a {cfg['_class_name']}, not a TextAdapter")
+            raise BadInput(f"{folder}/config.json describes a {cfg['_class_name']}, not a TextAdapter")
         missing = [k for k in ("in_dim", "int_dim", "out_dim") if not isinstance(cfg.get(k), int)]
         if missing:
-            raise ValueError(f"{folder}/config.json lacks integer {missing} "
+            raise BadInput(f"{folder}/config.json lacks integer {missing} "
                              "(LaVi-Bridge keys: in_dim, int_dim, out_dim)")
         sd = load_weights(find_weight_file(folder))
         with torch.device("meta"):  # no init work; load_strict assigns the file's tensors
@@ -133,7 +134,7 @@ class GlueTranslator(nn.Module):
     def forward(self, x):
         """x: (B, num_tokens, dim) -> (B, num_tokens, dim_out)."""
         if x.dim() != 3 or x.shape[1] != self.num_tokens:
-            raise ValueError(f"GlueNet mixes exactly {self.num_tokens} tokens (pad or truncate to it); "
+            raise BadInput(f"GlueNet mixes exactly {self.num_tokens} tokens (pad or truncate to it); "
                              f"got shape {tuple(x.shape)}")
         for block in self.blocks:
             x = F.gelu(block(x) + x)  # (B, T, dim)
@@ -173,7 +174,7 @@ class GlueNet(nn.Module):
         sd = load_weights(path)
         need = ("blocks.0.net_tok.0.weight", "blocks.0.net_sen.0.weight", "tail.net_sen.4.weight")
         if any(k not in sd for k in need):
-            raise ValueError(f"{path} is not a GlueGen GlueNet encoder (needs keys {need}); "
+            raise BadInput(f"{path} is not a GlueGen GlueNet encoder (needs keys {need}); "
                              f"first keys: {list(sd)[:5]}")
         # (mult*T, T), (mult*C, C)
         tok, sen = sd["blocks.0.net_tok.0.weight"], sd["blocks.0.net_sen.0.weight"]
@@ -230,7 +231,7 @@ def gluegen_token_weights(target):
     mean |batch-mean token - batch-mean LAST token| over channels, normalised to mean 1; the last token
     gets the mean of the two before it (so padding-like positions weigh little)."""
     if target.shape[1] < 3:
-        raise ValueError(f"GlueGen token weights need at least 3 tokens, got {target.shape[1]}")
+        raise BadInput(f"GlueGen token weights need at least 3 tokens, got {target.shape[1]}")
     mean = target.float().mean(0)  # (T, C)
     w = (mean - mean[-1]).abs().mean(1)  # (T,)
     w = w / w.mean().clamp_min(1e-12)
@@ -247,7 +248,7 @@ def gluenet_losses(gluenet, disc, x, target, token_weight=None, lam=0.1, terms=(
     None for gluegen_token_weights(target). A loss not named in terms is not computed (None)."""
     unknown = set(terms) - {"align", "rec", "adv"}
     if unknown:
-        raise ValueError(f"unknown GlueNet loss terms {sorted(unknown)} (align, rec, adv)")
+        raise BadInput(f"unknown GlueNet loss terms {sorted(unknown)} (align, rec, adv)")
     y = gluenet.encoder(x)  # (B, T, out_dim)
     align = rec = adv = None
     if "align" in terms:
@@ -269,7 +270,7 @@ def alignment_loss(pred, target, mask=None, kind="cosine", norm_weight=2e-5):
     (kind "cosine"), or the squared error averaged over channels (kind "mse"); the mean over the tokens
     where mask is 1. pred, target (B, T, C); mask (B, T) or None (every token)."""
     if pred.shape != target.shape:
-        raise ValueError(f"alignment_loss: prediction {tuple(pred.shape)} and target "
+        raise BadInput(f"alignment_loss: prediction {tuple(pred.shape)} and target "
                          f"{tuple(target.shape)} differ")
     if kind == "cosine":
         per_token = (1 - F.cosine_similarity(pred, target, dim=-1, eps=1e-8)
@@ -277,7 +278,7 @@ def alignment_loss(pred, target, mask=None, kind="cosine", norm_weight=2e-5):
     elif kind == "mse":
         per_token = ((pred - target) ** 2).mean(-1)  # (B, T)
     else:
-        raise ValueError(f"unknown alignment loss {kind!r} (cosine or mse)")
+        raise BadInput(f"unknown alignment loss {kind!r} (cosine or mse)")
     if mask is None:
         return per_token.mean()
     m = mask.to(per_token.dtype)

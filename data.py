@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import shapes
-from model_io import read_safetensors, save_safetensors
+from model_io import BadInput, MissingInput, read_safetensors, save_safetensors
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -80,7 +80,7 @@ class ImageTextDataset:
         self.examples = {k: [] for k in self.index_counts}  # a few of each, for the report
         self.items = self._build_index(source)  # [(path, offset or None, nbytes or None, caption, name)]
         if not self.items:
-            raise ValueError(f"no usable image-text pair in {source!r}: " + self._problems())
+            raise BadInput(f"no usable image-text pair in {source!r}: " + self._problems())
         if any(self.index_counts.values()):
             warnings.warn(f"{self.report()} (skipped)")
 
@@ -106,7 +106,7 @@ class ImageTextDataset:
 
     def _index_tsv(self, path):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"caption file not found: {path}")
+            raise MissingInput(f"caption file not found: {path}")
         root, items = os.path.dirname(os.path.abspath(path)), []
         with open(path, encoding="utf-8", errors="replace") as f:
             for n, line in enumerate(f, 1):
@@ -161,11 +161,11 @@ class ImageTextDataset:
 
     def _index_tars(self, shards):
         if not shards:
-            raise FileNotFoundError("no tar shard given")
+            raise MissingInput("no tar shard given")
         items = []
         for path in shards:
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"tar shard not found: {path}")
+                raise MissingInput(f"tar shard not found: {path}")
             groups = {}
             try:
                 with tarfile.open(path, mode="r:") as tf:  # plain tar only: members are read by offset
@@ -269,7 +269,7 @@ def collate(items):
         return None, [], [], len(items)
     sizes = {tuple(x[0].shape) for x in ok}
     if len(sizes) != 1:
-        raise ValueError(f"cannot batch images of different shapes: {sorted(sizes)}")
+        raise BadInput(f"cannot batch images of different shapes: {sorted(sizes)}")
     return torch.stack([x[0] for x in ok]), [x[1] for x in ok], [x[2] for x in ok], len(items) - len(ok)
 
 
@@ -307,7 +307,7 @@ def load_latent_cache(folder, ds):
     t, meta = read_safetensors(path, "latent cache")
     made_for = (json.loads(meta["source"]), int(meta["size"]), int(meta["items"]))
     if made_for != (ds.source, ds.size, len(ds.items)):
-        raise ValueError(f"{path} was made for {meta['source']} at {meta['size']} px ({meta['items']} "
+        raise BadInput(f"{path} was made for {meta['source']} at {meta['size']} px ({meta['items']} "
                          f"items), not for {ds.source!r} at {ds.size} px ({len(ds.items)} items): delete "
                          f"it or pass another --latent-cache")
     return t["mean"], t["std"], t["valid"]
@@ -317,6 +317,11 @@ def load_latent_cache(folder, ds):
 # one rank's micro-batches, step by step
 
 
+def open_dataset(source, size, flip):
+    """The ImageTextDataset of a --data value (comma-separated: a list of shards)."""
+    return ImageTextDataset(source.split(",") if "," in source else source, size=size, flip=flip)
+
+
 class Batches:
     """next(step, micro) -> (images or None, posterior (mean, std) or None, captions, global sample indices)
     of this rank. The shapes world is drawn from (seed, micro-batch); real data comes through a DataLoader
@@ -324,14 +329,14 @@ class Batches:
     gives what was used and what was skipped."""
 
     def __init__(self, source, size, flip, seed, batch_size, grad_accum, rank=0, world=1, start_step=0,
-                 num_workers=2, latent_cache="", posterior=None, barrier=None):
+                 num_workers=2, latent_cache="", posterior=None, barrier=None, dataset=None):
         self.source, self.size, self.seed, self.bs, self.accum = source, size, seed, batch_size, grad_accum
         self.rank, self.world = rank, world
         # images trained on; skipped draws; their items
         self.used, self.skipped, self.unreadable = 0, 0, set()
         if source == "shapes":
             return
-        self.ds = ImageTextDataset(source.split(",") if "," in source else source, size=size, flip=flip)
+        self.ds = dataset or open_dataset(source, size, flip)
         self.indexed = IndexedImages(self.ds, seed)
         self.cache = None
         if latent_cache:
@@ -363,7 +368,7 @@ class Batches:
             keep = [(i, f, g) for i, f, g in pos if valid[i]]
             self._count(len(keep), [i for i, _, _ in pos if not valid[i]])
             if not keep:
-                raise RuntimeError(f"every image of rank {self.rank}'s batch at step {step} is unreadable")
+                raise BadInput(f"every image of rank {self.rank}'s batch at step {step} is unreadable")
             i, f = torch.tensor([k[0] for k in keep]), torch.tensor([int(k[1]) for k in keep])
             post = (mean[i, f].float(), std[i, f].float())  # (b, C, h, w)
             return None, post, [self.ds.items[k[0]][3] for k in keep], [k[2] for k in keep]
@@ -371,7 +376,7 @@ class Batches:
         got = set(gs)
         self._count(len(gs), [self.indexed.position(g)[0] for g in range(lo, lo + self.bs) if g not in got])
         if images is None:
-            raise RuntimeError(f"every image of rank {self.rank}'s batch at step {step} is unreadable")
+            raise BadInput(f"every image of rank {self.rank}'s batch at step {step} is unreadable")
         return images, None, captions, gs
 
     def _count(self, used, bad_items):
@@ -401,7 +406,7 @@ def text_pairs(spec):
     if spec.startswith("shapes:"):
         return shapes.parallel_captions("train", spec[len("shapes:"):])
     if not os.path.isfile(spec):
-        raise FileNotFoundError(f"caption file not found: {spec} (text-only methods read shapes, "
+        raise MissingInput(f"caption file not found: {spec} (text-only methods read shapes, "
                                 "shapes:<language>, a .txt of captions or a source<TAB>target file)")
     pairs, bad = [], []
     with open(spec, encoding="utf-8") as f:
@@ -418,9 +423,9 @@ def text_pairs(spec):
         print(f"{spec}: skipped {len(bad)} malformed line(s) (an empty side or more than one TAB), "
               f"e.g. line {bad[0]}")
     if not pairs:
-        raise ValueError(f"{spec}: no caption in it")
+        raise BadInput(f"{spec}: no caption in it")
     if sum(s.lower().endswith(IMAGE_EXTS) for s, _ in pairs) > len(pairs) // 2:
-        raise ValueError(f"{spec} looks like an image-caption TSV (path<TAB>caption): the text-only methods "
+        raise BadInput(f"{spec} looks like an image-caption TSV (path<TAB>caption): the text-only methods "
                          f"read captions, or source<TAB>target caption pairs")
     return pairs
 

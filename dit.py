@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from model_io import apply_key_map, build_and_load, open_checkpoint
+from model_io import BadInput, apply_key_map, build_and_load, open_checkpoint
 from unet import checkpointed, timestep_features
 
 # -----------------------------------------------------------------------------
@@ -63,7 +63,7 @@ class DiTConfig:
         config = dict(config)
         name = config.get("_class_name")
         if name not in (None, *DIT_CLASSES):
-            raise ValueError(f"config.json is for {name}; DiT loads PixArtTransformer2DModel or "
+            raise BadInput(f"config.json is for {name}; DiT loads PixArtTransformer2DModel or "
                              f"Transformer2DModel with norm_type 'ada_norm_single'")
         # values fixed by this implementation (PixArt-XL-2); anything else is another architecture
         fixed = {"norm_type": "ada_norm_single", "activation_fn": "gelu-approximate", "attention_bias": True,
@@ -87,7 +87,7 @@ class DiTConfig:
         if unknown:
             bad.append(f"unknown config keys {unknown}")
         if bad:
-            raise ValueError("diffusers config not supported by DiT: " + "; ".join(bad))
+            raise BadInput("diffusers config not supported by DiT: " + "; ".join(bad))
         return cls(**{k: v for k, v in config.items() if k in ours})
 
 
@@ -107,7 +107,7 @@ def sincos_pos_embed_2d(dim, h, w, base_size, interpolation_scale, device=None):
     Positions are arange(n) / (n / base_size) / interpolation_scale (in fp32, as the original and
     diffusers do); the first dim/2 channels encode the width coordinate, the last dim/2 the height."""
     if dim % 4:
-        raise ValueError(f"the hidden size must be divisible by 4 for the 2-D sin-cos embedding, got {dim}")
+        raise BadInput(f"the hidden size must be divisible by 4 for the 2-D sin-cos embedding, got {dim}")
     ys = torch.arange(h, dtype=torch.float32, device=device) / (h / base_size) / interpolation_scale
     xs = torch.arange(w, dtype=torch.float32, device=device) / (w / base_size) / interpolation_scale
     omega = torch.arange(dim // 4, dtype=torch.float64, device=device) / (dim / 4)
@@ -178,7 +178,7 @@ class ConditionEmbedding(nn.Module):
         self.micro_conditions = cfg.micro_conditions
         if self.micro_conditions:
             if d % 3:
-                raise ValueError(f"micro-conditions need a hidden size divisible by 3, got {d}")
+                raise BadInput(f"micro-conditions need a hidden size divisible by 3, got {d}")
             self.resolution_embedder = TimestepEmbedding(d // 3)    # height and width, d/3 each
             self.aspect_ratio_embedder = TimestepEmbedding(d // 3)
 
@@ -188,13 +188,13 @@ class ConditionEmbedding(nn.Module):
         if not self.micro_conditions:
             return emb
         if resolution is None or aspect_ratio is None:
-            raise ValueError("this DiT (1024-MS) needs resolution (B, 2) and aspect_ratio (B, 1) "
+            raise BadInput("this DiT (1024-MS) needs resolution (B, 2) and aspect_ratio (B, 1) "
                              "micro-conditions")
         B = t.shape[0]
         resolution = torch.as_tensor(resolution, device=t.device).reshape(-1)  # (2B,)
         aspect_ratio = torch.as_tensor(aspect_ratio, device=t.device).reshape(-1)  # (B,)
         if resolution.numel() != 2 * B or aspect_ratio.numel() != B:
-            raise ValueError(f"resolution must be (B, 2) and aspect_ratio (B, 1) with B={B}, "
+            raise BadInput(f"resolution must be (B, 2) and aspect_ratio (B, 1) with B={B}, "
                              f"got {resolution.numel()} and {aspect_ratio.numel()} values")
         res = self.resolution_embedder(resolution).reshape(B, -1)  # (B, 2D/3)
         ar = self.aspect_ratio_embedder(aspect_ratio).reshape(B, -1)  # (B, D/3)
@@ -324,14 +324,14 @@ class DiT(nn.Module):
         B, _, H, W = x.shape
         p = self.cfg.patch_size
         if H % p or W % p:
-            raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {p}")
+            raise BadInput(f"latent size {H}x{W} is not divisible by the patch size {p}")
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != self.cfg.caption_channels:
-            raise ValueError(f"context must be (B={B}, T, {self.cfg.caption_channels}), "
+            raise BadInput(f"context must be (B={B}, T, {self.cfg.caption_channels}), "
                              f"got {tuple(context.shape)}")
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(B) if t.ndim == 0 else t.reshape(-1)  # (B,)
         if t.shape[0] != B:
-            raise ValueError(f"t must be a scalar or (B={B},), got {t.shape[0]} values")
+            raise BadInput(f"t must be a scalar or (B={B},), got {t.shape[0]} values")
 
         tokens = self.pos_embed(x)  # (B, N, D)
         t6, temb = self.adaln_single(t, resolution, aspect_ratio)  # (B, 6D), (B, D)
@@ -339,7 +339,7 @@ class DiT(nn.Module):
         bias = None
         if context_mask is not None:
             if context_mask.shape != context.shape[:2]:
-                raise ValueError(f"context_mask must be (B, T) = {tuple(context.shape[:2])}, "
+                raise BadInput(f"context_mask must be (B, T) = {tuple(context.shape[:2])}, "
                                  f"got {tuple(context_mask.shape)}")
             bias = (1 - context_mask.to(tokens.dtype)) * -10000.0  # (B, T)
             bias = bias[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
@@ -454,7 +454,7 @@ def convert_state_dict(sd, what="checkpoint"):
             guess = "a VAE checkpoint"
         else:
             guess = "an unknown model"
-        raise ValueError(f"{what} is not a PixArt DiT checkpoint (no 'transformer_blocks.*' or 'blocks.*' "
+        raise BadInput(f"{what} is not a PixArt DiT checkpoint (no 'transformer_blocks.*' or 'blocks.*' "
                          f"keys); it looks like {guess}. First keys: {keys[:5]}")
     return apply_key_map(sd, fn, what)
 
@@ -465,7 +465,7 @@ def infer_config(sd, pos_tokens=None):
     need = ["pos_embed.proj.weight", "proj_out.weight", "caption_projection.linear_1.weight"]
     missing = [k for k in need if k not in sd]
     if missing:
-        raise ValueError(f"cannot infer the DiT config: missing {missing}")
+        raise BadInput(f"cannot infer the DiT config: missing {missing}")
     hidden, in_channels, patch = sd["pos_embed.proj.weight"].shape[:3]
     blocks = {int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")}
     micro = "adaln_single.emb.resolution_embedder.linear_1.weight" in sd
@@ -473,7 +473,7 @@ def infer_config(sd, pos_tokens=None):
     # other widths are assumed to keep PixArt's head dim of 72. Pass config= for anything else.
     heads = 16 if hidden == 1152 else hidden // 72
     if heads < 1 or hidden % heads:
-        raise ValueError(f"cannot infer the head count for hidden size {hidden}; pass config=DiTConfig(...)")
+        raise BadInput(f"cannot infer the head count for hidden size {hidden}; pass config=DiTConfig(...)")
     if pos_tokens is not None:
         sample_size = math.isqrt(pos_tokens) * patch
     else:  # no buffer to read it from: PixArt-XL-2 1024-MS has micro-conditions, 512 has not

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_io import build_and_load, dataclass_from_dict, find_weight_file, load_weights, read_config
+from model_io import (BadInput, MissingInput, build_and_load, dataclass_from_dict, find_weight_file, load_weights,
+                      read_config)
 
 LDMBERT_ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
@@ -37,9 +38,9 @@ class LDMBertConfig:
                  "encoder_attention_heads", "head_dim", "d_model")
         missing = [k for k in sizes if k not in d]
         if missing:
-            raise ValueError(f"LDMBert config.json lacks {missing}")
+            raise BadInput(f"LDMBert config.json lacks {missing}")
         if d.get("activation_function", "gelu") not in LDMBERT_ACT:
-            raise ValueError(f"LDMBert activation {d['activation_function']!r} not supported "
+            raise BadInput(f"LDMBert activation {d['activation_function']!r} not supported "
                              f"({', '.join(LDMBERT_ACT)})")
         return dataclass_from_dict(cls, d)
 
@@ -95,7 +96,7 @@ class LDMBert(nn.Module):
         The LDM pipeline passes no mask: it attends to its 77 padded tokens."""
         m, T = self.model, ids.shape[1]
         if T > self.cfg.max_position_embeddings:
-            raise ValueError(f"LDMBert takes at most {self.cfg.max_position_embeddings} tokens, got {T}")
+            raise BadInput(f"LDMBert takes at most {self.cfg.max_position_embeddings} tokens, got {T}")
         x = m.embed_tokens(ids) + m.embed_positions(torch.arange(T, device=ids.device))  # (B, T, C)
         x = F.dropout(x, self.cfg.dropout, self.training)
         bias = None
@@ -111,7 +112,7 @@ class LDMBert(nn.Module):
         """A pipeline's bert/ folder (config.json + weights), loaded strictly."""
         cfg = read_config(folder)
         if cfg is None:
-            raise FileNotFoundError(f"{folder}: no config.json (LDMBert's bert/ folder)")
+            raise MissingInput(f"{folder}: no config.json (LDMBert's bert/ folder)")
         sd = load_weights(find_weight_file(folder))
         return build_and_load(lambda: cls(LDMBertConfig.from_dict(cfg)), sd, f"LDMBert {folder}", dtype,
                               device)

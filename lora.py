@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from model_io import check_state_dict, load_weights, save_safetensors
+from model_io import BadInput, MissingInput, check_state_dict, load_weights, save_safetensors
 
 # -----------------------------------------------------------------------------
 # the wrappers
@@ -27,7 +27,7 @@ class _LoRA(nn.Module):
 
     def _init_branch(self, base, rank, scale, dropout):
         if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+            raise BadInput(f"LoRA rank must be >= 1, got {rank}")
         self.base = base.requires_grad_(False)
         self.dropout = nn.Dropout(dropout)
         nn.init.normal_(self.down.weight, std=1 / rank)
@@ -84,7 +84,7 @@ class LoRAConv2d(_LoRA):
         if not isinstance(base, nn.Conv2d):
             raise TypeError(f"LoRAConv2d wraps an nn.Conv2d, got {type(base).__name__}")
         if base.groups != 1:
-            raise ValueError(f"LoRAConv2d supports groups=1 only (got groups={base.groups}); "
+            raise BadInput(f"LoRAConv2d supports groups=1 only (got groups={base.groups}); "
                              "grouped convs cannot be merged exactly")
         kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
         self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
@@ -136,7 +136,7 @@ def inject(model, targets, rank, scale=1.0, dropout=0.0):
     (registration) order: the order of the release's flat lists. Base weights are frozen."""
     if isinstance(targets, str):
         if targets not in LORA_TARGETS:
-            raise ValueError(f"unknown LoRA target set {targets!r}; choose from {sorted(LORA_TARGETS)}")
+            raise BadInput(f"unknown LoRA target set {targets!r}; choose from {sorted(LORA_TARGETS)}")
         targets = LORA_TARGETS[targets]
     patterns = [re.compile(t) for t in targets]
     paths, inside, layers = [], [], []
@@ -151,7 +151,7 @@ def inject(model, targets, rank, scale=1.0, dropout=0.0):
             paths.append(name)
     if not paths:
         hint = "the model already has LoRA on them; " if inside else ""
-        raise ValueError(f"no nn.Linear/nn.Conv2d path matched {targets} ({hint}paths are relative to the "
+        raise BadInput(f"no nn.Linear/nn.Conv2d path matched {targets} ({hint}paths are relative to the "
                          f"module passed, e.g. {layers[:4]})")
     for name in paths:
         parent_name, _, leaf = name.rpartition(".")
@@ -205,7 +205,7 @@ def save_lora(model, path, metadata=None):
     """Write lora_state_dict(model) as safetensors (metadata: optional {str: str})."""
     sd = lora_state_dict(model)
     if not sd:
-        raise ValueError("the model has no LoRA modules to save (call inject first)")
+        raise BadInput("the model has no LoRA modules to save (call inject first)")
     save_safetensors(sd, path, metadata)
 
 
@@ -241,16 +241,16 @@ def load_lora(model, sd):
 def load_release_file(path):
     """Read a release lora_vis.pt / lora_text.pt (a pickled list of tensors) with weights_only=True."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"LoRA file not found: {path}")
+        raise MissingInput(f"LoRA file not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {path} as a torch file of tensors (truncated or corrupt?): {e}") from e
+        raise BadInput(f"cannot read {path} as a torch file of tensors (truncated or corrupt?): {e}") from e
     if not isinstance(obj, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in obj):
-        raise ValueError(f"{path}: expected a flat list [up_0, down_0, up_1, down_1, ...] of tensors "
+        raise BadInput(f"{path}: expected a flat list [up_0, down_0, up_1, down_1, ...] of tensors "
                          f"(LaVi-Bridge / cloneofsimo format), got {type(obj).__name__}")
     if len(obj) % 2:
-        raise ValueError(f"{path}: a release LoRA list holds (up, down) pairs, but it has {len(obj)} tensors")
+        raise BadInput(f"{path}: a release LoRA list holds (up, down) pairs, but it has {len(obj)} tensors")
     return [t.detach() for t in obj]
 
 
@@ -263,9 +263,9 @@ def import_release_list(model, tensors, injected_paths=None):
     paths = list(mods) if injected_paths is None else list(injected_paths)
     unknown = [p for p in paths if p not in mods]
     if unknown:
-        raise ValueError(f"not LoRA modules in this model (inject first): {unknown[:5]}")
+        raise BadInput(f"not LoRA modules in this model (inject first): {unknown[:5]}")
     if len(tensors) != 2 * len(paths):
-        raise ValueError(f"release LoRA list has {len(tensors)} tensors ({len(tensors) / 2:g} pairs), "
+        raise BadInput(f"release LoRA list has {len(tensors)} tensors ({len(tensors) / 2:g} pairs), "
                          f"but this model has {len(paths)} injected LoRA modules: "
                          f"expected {len(paths)} pairs "
                          f"({2 * len(paths)} tensors). Wrong target set or wrong model?")
@@ -275,7 +275,7 @@ def import_release_list(model, tensors, injected_paths=None):
         for what, t, w in (("up", up, m.up.weight), ("down", down, m.down.weight)):
             if tuple(t.shape) != tuple(w.shape):
                 file_rank = up.shape[1] if up.dim() > 1 else "?"
-                raise ValueError(f"release LoRA item {2 * i + (what == 'down')} ({what} of {p}): shape "
+                raise BadInput(f"release LoRA item {2 * i + (what == 'down')} ({what} of {p}): shape "
                                  f"{tuple(t.shape)} in the file, {tuple(w.shape)} in the model (file rank "
                                  f"{file_rank}, injected rank {m.rank})")
     for i, p in enumerate(paths):

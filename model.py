@@ -21,8 +21,8 @@ from dit import DiT
 from ldmbert import LDMBert
 from lora import (LORA_TARGETS, export_release_list, import_release_list, inject, load_lora,
                   load_release_file, lora_state_dict, merge_lora, unwrap_lora)
-from model_io import (hub_folder, load_strict, optimizer_state, optimizer_tensors, read_safetensors,
-                      save_safetensors)
+from model_io import (BadInput, MissingInput, hub_folder, load_strict, optimizer_state, optimizer_tensors,
+                      read_safetensors, save_safetensors)
 from schedulers import DDPM, PIXART_SCHEDULER, SD_SCHEDULER, make
 from unet import UNet, VAE
 
@@ -100,7 +100,7 @@ def lm_source(lm):
     folder = hub_folder(LM_PRESETS[lm][0] if lm in LM_PRESETS else lm, LM_FILES, "language model")
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise ValueError(f"{lm}: no config.json in {folder} (not a transformers model folder)")
+        raise BadInput(f"{lm}: no config.json in {folder} (not a transformers model folder)")
     with open(path) as f:
         return folder, json.load(f).get("model_type")
 
@@ -129,7 +129,7 @@ class TextEncoder(nn.Module):
             # as the release: a token missing from the vocab maps to the unk id (llama2 '[PAD]' -> 0)
             tokenizer.pad_token = recipe.pad_token
         elif tokenizer.pad_token is None:
-            raise ValueError(f"the tokenizer of {model.config.model_type} has no pad token: set "
+            raise BadInput(f"the tokenizer of {model.config.model_type} has no pad token: set "
                              f"TextRecipe.pad_token")
         if recipe.hidden != "last":
             # transformers 5 collects hidden_states by hooks it installs on first use, under a lock that
@@ -149,7 +149,7 @@ class TextEncoder(nn.Module):
         import transformers
         folder, family = lm_source(name_or_path)
         if family not in FAMILIES:
-            raise ValueError(f"{name_or_path}: language model family {family!r} is not supported; supported: "
+            raise BadInput(f"{name_or_path}: language model family {family!r} is not supported; supported: "
                              f"{', '.join(sorted(FAMILIES))}")
         recipe = recipe if recipe is not None else recipe_for(name_or_path)
         # transformers >= 4.56 names it dtype, older ones torch_dtype
@@ -181,7 +181,7 @@ class TextEncoder(nn.Module):
         if not r.truncate:
             longest = max(len(ids) for ids in self.tokenizer(prompts).input_ids)
             if longest > r.max_length:
-                raise ValueError(f"a prompt is {longest} tokens long, over max_length {r.max_length} "
+                raise BadInput(f"a prompt is {longest} tokens long, over max_length {r.max_length} "
                                  f"(and the recipe does not truncate)")
         enc = self.tokenizer(prompts, padding="max_length" if r.pad_to_max else "longest",
                              max_length=r.max_length, truncation=r.truncate, return_tensors="pt")
@@ -253,7 +253,7 @@ def vision_folder(name, patterns):
         return hub_folder(VISION_PRESETS[name], patterns, "vision model")
     if os.path.exists(name):
         return name
-    raise ValueError(f"unknown --vision {name!r}: use one of {', '.join(VISION_PRESETS)}, shapes, "
+    raise BadInput(f"unknown --vision {name!r}: use one of {', '.join(VISION_PRESETS)}, shapes, "
                      f"a diffusers pipeline folder or a single checkpoint file")
 
 
@@ -264,7 +264,7 @@ def load_vision(name, dtype=torch.float32, device="cpu", pretrained=True):
         unet, _, sched = shapes.load_base(shapes.base_path(name)) if pretrained else shapes.new_unet()
         return unet.to(device, dtype), shapes.PixelCodec(), sched, "unet"
     if not pretrained:
-        raise ValueError("only the shapes world's base model trains from scratch (method base)")
+        raise BadInput("only the shapes world's base model trains from scratch (method base)")
     path = vision_folder(name, VISION_FILES)
     if os.path.isfile(path):  # original single file: PixArt .pth or SD/LDM .ckpt/.safetensors
         kind = "dit" if path.endswith(".pth") else "unet"
@@ -304,13 +304,13 @@ def load_native_encoder(vision, dtype=torch.float32, device="cpu", pretrained=Tr
     tok_dir = os.path.join(folder, "tokenizer")
     if os.path.isdir(os.path.join(folder, "bert")):  # LDM: LDMBert + a BERT tokenizer
         if not os.path.isdir(tok_dir):
-            raise FileNotFoundError(f"{vision} has bert/ but no tokenizer/ for it")
+            raise MissingInput(f"{vision} has bert/ but no tokenizer/ for it")
         model = LDMBert.from_pretrained(os.path.join(folder, "bert"), dtype=dtype, device=device)
         return LDMBertEncoder(AutoTokenizer.from_pretrained(tok_dir), model).requires_grad_(False).eval()
     enc_dir = os.path.join(folder, "text_encoder")
     missing = [d for d in (enc_dir, tok_dir) if not os.path.isdir(d)]
     if missing:
-        raise FileNotFoundError(f"{vision} has no native text encoder: missing {', '.join(missing)}")
+        raise MissingInput(f"{vision} has no native text encoder: missing {', '.join(missing)}")
     _, family = lm_source(enc_dir)
     kind = "dit" if os.path.isdir(os.path.join(folder, "transformer")) else "unet"
     enc = TextEncoder.load(enc_dir, recipe=family_recipe(family, kind), dtype=dtype, device=device,
@@ -492,13 +492,13 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dty
         bridge.adapter = TextAdapter(d_in, mid, d_out, dropout=cfg.adapter_dropout)
     elif cfg.adapter == "gluenet":
         if text.token_count is None:
-            raise ValueError("--adapter gluenet mixes a fixed number of tokens: "
+            raise BadInput("--adapter gluenet mixes a fixed number of tokens: "
                              "the LM recipe must pad to max_length")
         bridge.adapter = GlueNet(GlueNetConfig(text.token_count, d_in, d_out, cfg.glue_mult, cfg.glue_depth))
     elif cfg.adapter != "none":
-        raise ValueError(f"unknown adapter {cfg.adapter!r} (text, gluenet, none)")
+        raise BadInput(f"unknown adapter {cfg.adapter!r} (text, gluenet, none)")
     elif d_in != d_out:
-        raise ValueError(f"--adapter none needs equal widths, but the LM gives {d_in} "
+        raise BadInput(f"--adapter none needs equal widths, but the LM gives {d_in} "
                          f"and the vision model takes {d_out}")
     if bridge.adapter is not None:
         bridge.adapter.to(device, dtype)
@@ -506,7 +506,7 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dty
         bridge.lora_vis_paths = inject(denoiser, LORA_TARGETS[kind], cfg.lora_rank, dropout=cfg.lora_dropout)
     if cfg.lora_rank and cfg.lora_lm:
         if text.lora_targets is None:
-            raise ValueError(f"no LoRA targets are known for the text encoder {cfg.lm!r}: pass "
+            raise BadInput(f"no LoRA targets are known for the text encoder {cfg.lm!r}: pass "
                              f"--lora-lm false, or add its attention projections to lora.LORA_TARGETS "
                              f"and model.FAMILIES")
         bridge.lora_text_paths = inject(text.model, LORA_TARGETS[text.lora_targets], cfg.lora_rank,
@@ -550,7 +550,7 @@ def _split_parts(sd):
     for k, v in sd.items():
         head, _, rest = k.partition(".")
         if head not in PARTS + ("unet", "text"):
-            raise ValueError(f"unexpected key {k!r} in a bridge checkpoint")
+            raise BadInput(f"unexpected key {k!r} in a bridge checkpoint")
         parts.setdefault(head, {})[rest] = v
     return parts
 
@@ -565,7 +565,7 @@ def load_trainable(bridge, sd):
     if bridge.adapter is not None:
         load_strict(bridge.adapter, parts.get("adapter", {}), "adapter")
     elif parts.get("adapter"):
-        raise ValueError("the checkpoint has adapter weights but this bridge has no adapter")
+        raise BadInput("the checkpoint has adapter weights but this bridge has no adapter")
     load_lora(bridge.denoiser, parts.get("lora_vis", {}))
     load_lora(bridge.text.model, parts.get("lora_text", {}))
 
@@ -576,7 +576,7 @@ def init_trainable(bridge, sd):
     LoRA; a lavi run may add it). Returns the names of the parts loaded."""
     parts = _split_parts({k: v for k, v in sd.items() if not k.startswith(("ema.", "optim."))})
     if "unet" in parts or "text" in parts:
-        raise ValueError("this checkpoint is a whole shapes base model, not a bridge: pass it as "
+        raise BadInput("this checkpoint is a whole shapes base model, not a bridge: pass it as "
                          "--vision shapes:PATH")
     loaded = []
     if "adapter" in parts and bridge.adapter is not None:
@@ -584,7 +584,7 @@ def init_trainable(bridge, sd):
             load_strict(bridge.adapter, parts["adapter"], "adapter")
         except ValueError as e:
             kind = type(bridge.adapter).__name__
-            raise ValueError(f"the checkpoint's adapter does not fit this bridge's {kind} (another "
+            raise BadInput(f"the checkpoint's adapter does not fit this bridge's {kind} (another "
                              f"--adapter, --lm or --vision?): {e}") from None
         loaded.append("adapter")
     for head, net, paths in (("lora_vis", bridge.denoiser, bridge.lora_vis_paths),
@@ -604,11 +604,11 @@ def read_release(folder):
     is loaded: the files are there, and every LoRA pair has the one rank."""
     missing = [n for n in RELEASE_FILES if not os.path.exists(os.path.join(folder, n))]
     if missing:
-        raise FileNotFoundError(f"{folder} is not a LaVi-Bridge release folder: missing {', '.join(missing)}")
+        raise MissingInput(f"{folder} is not a LaVi-Bridge release folder: missing {', '.join(missing)}")
     lists = [load_release_file(os.path.join(folder, n)) for n in RELEASE_FILES[1:]]
     ranks = {up.shape[1] for lst in lists for up in lst[::2] if up.dim() >= 2}
     if len(ranks) > 1:
-        raise ValueError(f"{folder}: its LoRA lists mix ranks {sorted(ranks)}")
+        raise BadInput(f"{folder}: its LoRA lists mix ranks {sorted(ranks)}")
     return lists[0], lists[1], ranks.pop() if ranks else 0
 
 
@@ -618,7 +618,7 @@ def load_release(bridge, folder, lists=None):
     adapter = TextAdapter.from_pretrained(os.path.join(folder, "adapter"))
     mine = bridge.adapter
     if mine is None or (adapter.in_dim, adapter.out_dim) != (mine.in_dim, mine.out_dim):
-        raise ValueError(f"the release adapter maps {adapter.in_dim} -> {adapter.out_dim}, but this LM gives "
+        raise BadInput(f"the release adapter maps {adapter.in_dim} -> {adapter.out_dim}, but this LM gives "
                          f"{bridge.text.width} and the vision model takes "
                          f"{mine.out_dim if mine is not None else '(no adapter)'}: wrong --lm or --vision?")
     if adapter.mid_dim != mine.mid_dim:  # the release's own middle width wins
@@ -635,7 +635,7 @@ def export_release(bridge, folder):
     adapter/ (config.json with the release's field names + diffusion_pytorch_model.safetensors) and
     lora_vis.pt / lora_text.pt, fp16 lists [up_0, down_0, ...] in the release's module-walk order."""
     if not isinstance(bridge.adapter, TextAdapter):
-        raise ValueError("the release format holds a TextAdapter bridge (adapter text), not "
+        raise BadInput("the release format holds a TextAdapter bridge (adapter text), not "
                          f"{type(bridge.adapter).__name__ if bridge.adapter is not None else 'no adapter'}")
     bridge.adapter.save_pretrained(os.path.join(folder, "adapter"))
     for name, net, paths in (("lora_vis.pt", bridge.denoiser, bridge.lora_vis_paths),
@@ -665,7 +665,7 @@ def read_checkpoint(path):
     its training log is read_log(path)."""
     tensors, meta = read_safetensors(path, "checkpoint")
     if "bridge" not in meta:
-        raise ValueError(f"{path} is not a bridge checkpoint written by train.py (no 'bridge' metadata)")
+        raise BadInput(f"{path} is not a bridge checkpoint written by train.py (no 'bridge' metadata)")
     weights = {k: v for k, v in tensors.items() if not k.startswith("optim.")}  # ema.* included
     optim = None
     if "optim_groups" in meta:
@@ -691,7 +691,7 @@ def load_bridge(path, dtype=torch.float32, device="cpu", use_ema=True, merge=Fal
         lists = read_release(path)
         rank = overrides.pop("lora_rank", lists[2])
         if rank != lists[2]:
-            raise ValueError(f"--lora-rank {rank} does not match the release's LoRA lists (file rank "
+            raise BadInput(f"--lora-rank {rank} does not match the release's LoRA lists (file rank "
                              f"{lists[2]}, injected rank {rank}): leave --lora-rank out")
         bridge = build_bridge(BridgeConfig(**overrides, lora_rank=rank), dtype, device, lm_dtype=lm_dtype)
         load_release(bridge, path, lists)

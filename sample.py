@@ -16,6 +16,7 @@ from PIL import Image
 import cpu
 import shapes
 from model import DTYPES, device_and_dtype, is_shapes, load_bridge, native_bridge
+from model_io import run_cli
 from schedulers import SCHEDULERS
 
 
@@ -117,4 +118,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    run_cli(main, get_parser().parse_args())

@@ -1,8 +1,8 @@
 """
-Noise schedulers: the discrete forward process of DDPM and the DDIM, DDPM and DPM-Solver++(2M) samplers,
-each built from a pipeline's scheduler_config.json exactly as diffusers' DDIMScheduler / DDPMScheduler /
-DPMSolverMultistepScheduler `.from_config` reads it (a key missing from the file takes the class default,
-keys of other classes are ignored). The schedule is computed once as tensors; every sampler has
+Noise schedulers: the discrete forward process of DDPM and the DDIM, DDPM, DPM-Solver++(2M), UniPC and
+PNDM samplers, each built by make(name, config) from a pipeline's scheduler_config.json exactly as
+diffusers' `.from_config` of the matching class reads it (a key missing from the file takes the class
+default, keys of other classes are ignored, some values are remapped). The schedule is computed once as tensors; every sampler has
 timesteps(n), prev_timesteps(n) and step(model_output, x, t, t_prev, generator).
 """
 import json
@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 import torch
+
+from model_io import BadInput, MissingInput
 
 
 class NoiseSchedule:
@@ -33,7 +35,7 @@ class NoiseSchedule:
                 config[k] = table[config[k]]
         for k, default in self.UNSUPPORTED.items():
             if config.get(k, default) != default:
-                raise ValueError(f"{type(self).__name__}: scheduler option {k}={config[k]!r} is not "
+                raise BadInput(f"{type(self).__name__}: scheduler option {k}={config[k]!r} is not "
                                  f"supported (only {default!r})")
         c = {k: config.get(k, v) for k, v in self.DEFAULTS.items()}  # unknown keys are ignored
         self.config = c
@@ -43,12 +45,12 @@ class NoiseSchedule:
         elif c["beta_schedule"] == "scaled_linear":  # the LDM / SD schedule
             betas = torch.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=torch.float32) ** 2
         else:
-            raise ValueError(f"beta_schedule {c['beta_schedule']!r} is not supported (linear, scaled_linear)")
+            raise BadInput(f"beta_schedule {c['beta_schedule']!r} is not supported (linear, scaled_linear)")
         if c["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"prediction_type {c['prediction_type']!r} is not supported "
+            raise BadInput(f"prediction_type {c['prediction_type']!r} is not supported "
                              f"(epsilon, v_prediction, sample)")
         if c["timestep_spacing"] not in ("leading", "linspace", "trailing"):
-            raise ValueError(f"timestep_spacing {c['timestep_spacing']!r} is not supported "
+            raise BadInput(f"timestep_spacing {c['timestep_spacing']!r} is not supported "
                              f"(leading, linspace, trailing)")
         self.num_train_timesteps = n
         self.prediction_type = c["prediction_type"]
@@ -63,7 +65,7 @@ class NoiseSchedule:
         if os.path.isdir(path):
             path = os.path.join(path, "scheduler_config.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"scheduler config not found: {path}")
+            raise MissingInput(f"scheduler config not found: {path}")
         with open(path) as f:
             return cls(json.load(f))
 
@@ -103,7 +105,7 @@ class NoiseSchedule:
         """The n inference timesteps, descending, exactly as diffusers' DDIM/DDPM set_timesteps(n)."""
         N, c = self.num_train_timesteps, self.config
         if not 0 < n <= N:
-            raise ValueError(f"number of sampling steps must be in 1..{N}, got {n}")
+            raise BadInput(f"number of sampling steps must be in 1..{N}, got {n}")
         # numpy float64 as diffusers, so that rounding (half to even) and arange lengths agree exactly
         if c["timestep_spacing"] == "linspace":
             ts = np.linspace(0, N - 1, n).round()[::-1]
@@ -166,7 +168,7 @@ class DDPM(NoiseSchedule):
         super().__init__(config)
         vt = self.config["variance_type"]
         if vt not in (None, "fixed_small", "fixed_large"):  # None (e.g. PixArt's file) acts as fixed_small
-            raise ValueError(f"DDPM: variance_type {vt!r} is not supported (fixed_small, fixed_large)")
+            raise BadInput(f"DDPM: variance_type {vt!r} is not supported (fixed_small, fixed_large)")
 
     def step(self, model_output, x, t, t_prev, generator=None):
         """One ancestral step x_t -> x_{t_prev}; model_output, x (B, C, H, W); t, t_prev ints (t_prev < 0:
@@ -222,7 +224,7 @@ class DPMSolver(NoiseSchedule):
         self.reset()
         N, c = self.num_train_timesteps, self.config
         if not 0 < n <= N:
-            raise ValueError(f"number of sampling steps must be in 1..{N}, got {n}")
+            raise BadInput(f"number of sampling steps must be in 1..{N}, got {n}")
         if c["timestep_spacing"] == "linspace":
             ts = np.linspace(0, N - 1, n + 1).round()[::-1][:-1]
         elif c["timestep_spacing"] == "leading":
@@ -290,10 +292,10 @@ class UniPC(DPMSolver):
         super().__init__(config)
         c = self.config
         if c["solver_order"] not in (1, 2, 3) or c["solver_type"] not in ("bh1", "bh2"):
-            raise ValueError(f"UniPC: solver_order {c['solver_order']!r} / solver_type "
+            raise BadInput(f"UniPC: solver_order {c['solver_order']!r} / solver_type "
                              f"{c['solver_type']!r} are not supported (1, 2, 3 / bh1, bh2)")
         if c["final_sigmas_type"] not in ("zero", "sigma_min"):
-            raise ValueError(f"UniPC: final_sigmas_type {c['final_sigmas_type']!r} (zero or sigma_min)")
+            raise BadInput(f"UniPC: final_sigmas_type {c['final_sigmas_type']!r} (zero or sigma_min)")
         a0 = self.alphas_cumprod[0]
         sigma_min = c["final_sigmas_type"] == "sigma_min"
         self.sigma_last = ((1 - a0) / a0) ** 0.5 if sigma_min else torch.tensor(0.0)
@@ -387,7 +389,7 @@ class PNDM(NoiseSchedule):
     def __init__(self, config=None):
         super().__init__(config)
         if self.prediction_type == "sample":
-            raise ValueError("PNDM: prediction_type 'sample' is not supported (epsilon, v_prediction)")
+            raise BadInput("PNDM: prediction_type 'sample' is not supported (epsilon, v_prediction)")
         one = self.config["set_alpha_to_one"]
         self.final_alpha_cumprod = torch.tensor(1.0) if one else self.alphas_cumprod[0]
         self._n, self._prk = None, 0
@@ -399,7 +401,7 @@ class PNDM(NoiseSchedule):
         """The n timesteps, ascending, of PNDMScheduler.set_timesteps(n) before PRK / PLMS arrange them."""
         N, c = self.num_train_timesteps, self.config
         if not 0 < n <= N:
-            raise ValueError(f"number of sampling steps must be in 1..{N}, got {n}")
+            raise BadInput(f"number of sampling steps must be in 1..{N}, got {n}")
         if c["timestep_spacing"] == "linspace":
             return np.linspace(0, N - 1, n).round().astype(np.int64)
         if c["timestep_spacing"] == "leading":
@@ -493,7 +495,7 @@ def make(name, config):
     _use_default_values), the keys of other classes ignored, diffusers' remapping of values (DPM-Solver's
     solver_type "midpoint" is UniPC's "bh2"), and a clear error for options not implemented here."""
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
+        raise BadInput(f"unknown scheduler {name!r}; choose from {', '.join(SCHEDULERS)}")
     return SCHEDULERS[name](config)
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from model_io import load_strict, read_safetensors, save_safetensors
+from model_io import BadInput, MissingInput, load_strict, read_safetensors, save_safetensors
 from unet import UNet, UNetConfig
 
 # -----------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def as_attrs(a):
         raise TypeError(f"expected Attrs, dict or tuple, got {type(a).__name__}")
     for name, allowed in (("colour", COLOURS), ("shape", SHAPES), ("position", POSITIONS), ("size", SIZES)):
         if getattr(a, name) not in allowed:
-            raise ValueError(f"unknown {name} {getattr(a, name)!r} (choose from {', '.join(allowed)})")
+            raise BadInput(f"unknown {name} {getattr(a, name)!r} (choose from {', '.join(allowed)})")
     return a
 
 
@@ -80,7 +80,7 @@ def all_attrs(split="train"):
     """Every (colour, shape, position, size) of a split, in a fixed order: 140 for train/seen/paraphrase,
     40 for unseen."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+        raise BadInput(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
     held_out = split == "unseen"
     return [Attrs(c, s, p, z) for c, s, p, z in itertools.product(COLOURS, SHAPES, POSITIONS, SIZES)
             if ((c, s) in UNSEEN) == held_out]
@@ -108,7 +108,7 @@ def render(attrs, size=32, rng=None):
     exact geometry of coverage_map(), which the analyzer fits back."""
     a = as_attrs(attrs)
     if size < 16:
-        raise ValueError(f"image size {size} too small for the shapes world (>= 16)")
+        raise BadInput(f"image size {size} too small for the shapes world (>= 16)")
     cx, cy = POSITIONS[a.position]
     side = SIZES[a.size]
     if rng is not None:
@@ -196,7 +196,7 @@ def captions_of(attrs, grammar="train"):
                      size=SPANISH_SIZES[a.size], where=SPANISH_WHERE[a.position],
                      place=SPANISH_PLACE[a.position])
         return [t.format(**words) for t in SPANISH_TEMPLATES]
-    raise ValueError(f"unknown grammar {grammar!r} (train, paraphrase or one of {', '.join(LANGUAGES)})")
+    raise BadInput(f"unknown grammar {grammar!r} (train, paraphrase or one of {', '.join(LANGUAGES)})")
 
 
 def caption(attrs, rng, grammar="train"):
@@ -215,9 +215,9 @@ def parallel_captions(split="train", language="spanish"):
     """[(foreign caption, English caption)] for every attribute tuple of a split and every training
     template, in a fixed order: the i-th template of the language translates the i-th English one."""
     if language not in LANGUAGES:
-        raise ValueError(f"unknown language {language!r} (choose from {', '.join(LANGUAGES)})")
+        raise BadInput(f"unknown language {language!r} (choose from {', '.join(LANGUAGES)})")
     if split == "paraphrase":
-        raise ValueError("the paraphrase grammar has no translation: use train, seen or unseen")
+        raise BadInput("the paraphrase grammar has no translation: use train, seen or unseen")
     return [pair for a in all_attrs(split) for pair in zip(captions_of(a, language), captions_of(a, "train"))]
 
 
@@ -290,7 +290,7 @@ def sample_batch(rng, n, size=32, split="train"):
     """n random samples without a DataLoader: (images float (n, 3, H, W) in [-1, 1], captions, attrs).
     rng: np.random.Generator or an int seed."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+        raise BadInput(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
     imgs, caps, attrs = zip(*(_sample(rng, split, size) for _ in range(n)))
     return torch.stack([to_tensor(x) for x in imgs]), list(caps), list(attrs)  # (n, 3, H, W)
@@ -303,9 +303,9 @@ class ShapesDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, seed=0, size=32, split="train", rank=0, world_size=1):
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+            raise BadInput(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
+            raise BadInput(f"rank {rank} outside world_size {world_size}")
         self.seed, self.size, self.split, self.rank, self.world_size = seed, size, split, rank, world_size
 
     def __iter__(self):
@@ -327,7 +327,7 @@ def eval_set(name, n=None, seed=0):
     n=None: every attribute tuple of the split exactly once (140 / 40 / 140 / 140), captions drawn from seed;
     else the first n of a seeded shuffle (cycled when n exceeds the count)."""
     if name not in EVAL_SETS:
-        raise ValueError(f"unknown eval set {name!r} (choose from {', '.join(EVAL_SETS)})")
+        raise BadInput(f"unknown eval set {name!r} (choose from {', '.join(EVAL_SETS)})")
     if name in LANGUAGES:  # the training combinations, in another language
         rng = np.random.default_rng([seed, len(SPLITS) + LANGUAGES.index(name)])
         pool = all_attrs("seen")
@@ -399,7 +399,7 @@ def _as_image(img):
         img = to_uint8(img)
     img = np.asarray(img)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 (H, W, 3) image, got {img.dtype} {img.shape}")
+        raise BadInput(f"expected a uint8 (H, W, 3) image, got {img.dtype} {img.shape}")
     return img
 
 
@@ -468,9 +468,9 @@ def evaluate(images, attrs_list):
     if isinstance(images, torch.Tensor):
         images = to_uint8(images)
     if len(images) != len(attrs_list):
-        raise ValueError(f"{len(images)} images but {len(attrs_list)} attribute sets")
+        raise BadInput(f"{len(images)} images but {len(attrs_list)} attribute sets")
     if len(images) == 0:
-        raise ValueError("evaluate() needs at least one image")
+        raise BadInput("evaluate() needs at least one image")
     scores = [score(img, a) for img, a in zip(images, attrs_list)]
     out = {k: float(np.mean([s[k] for s in scores])) for k in ATTRIBUTES}
     out["all"] = float(np.mean([all(s.values()) for s in scores]))
@@ -572,7 +572,7 @@ def base_path(vision):
 def load_base(path=BASE):
     """(U-Net, word encoder, scheduler config) of a base model file, loaded strictly."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"the shapes base model {path} is missing: train it with "
+        raise MissingInput(f"the shapes base model {path} is missing: train it with "
                                 f"`python train.py --preset shapes-base` (see README)")
     sd, meta = read_safetensors(path, "shapes base model")
     ucfg = json.loads(meta["unet"])

@@ -2322,7 +2322,7 @@ def test_tsv_without_usable_line(tmp_path):
     (tmp_path / "corrupt.tsv").write_text("c.png\tcaption\n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError, match="unreadable"):
+        with pytest.raises(model_io.BadInput, match="unreadable"):
             batches(tmp_path / "corrupt.tsv", 16, 2).next(0, 0)
 
 
@@ -3058,6 +3058,29 @@ def test_export_release_round_trip(shapes_base, tmp_path, capsys):
     assert torch.load(rel / "lora_vis.pt", weights_only=True)[0].shape == vis[0].shape
     with pytest.raises(SystemExit, match="TextAdapter bridge"):
         train.main(small_args(shapes_base, tmp_path / "g", method="gluenet", export_release=str(rel)))
+
+
+@slow
+def test_command_lines_end_bad_input_in_one_line(tmp_path):
+    """sample.py and train.py as a user runs them: a release folder missing its lists, a corrupt checkpoint,
+    a missing data file (found before any model loads) each end with exit status 1 and one line on stderr,
+    no traceback."""
+    (tmp_path / "release" / "adapter").mkdir(parents=True)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    runs = {"missing lora_vis.pt, lora_text.pt": ["sample.py", "--bridge", str(tmp_path / "release"), "--lm",
+                                                 "minilm", "--vision", "shapes"],
+            "truncated or corrupt": ["sample.py", "--bridge", str(tmp_path / "bad.safetensors")],
+            "caption file not found": ["train.py", "--data", str(tmp_path / "none.tsv"), "--out",
+                                       str(tmp_path / "run")],
+            "text-only methods read": ["train.py", "--method", "gluenet", "--data", str(tmp_path / "none.txt"),
+                                       "--out", str(tmp_path / "run")]}
+    for want, argv in runs.items():
+        r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and "Traceback" not in r.stderr, (argv, r.stderr[-2000:])
+        assert lines[-1].startswith("error: ") and want in lines[-1], (argv, lines[-1])
+        assert "trainable" not in r.stdout, argv  # train.py stopped before building the bridge
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(shapes_base, tmp_path, monkeypatch):

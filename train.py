@@ -33,6 +33,7 @@ from lora import lora_parameters
 from model import (DTYPES, BridgeConfig, build_bridge, device_and_dtype, export_release, init_trainable,
                    is_shapes, load_native_encoder, load_trainable, native_bridge, read_checkpoint, read_log,
                    save_checkpoint, trainable_tensors)
+from model_io import run_cli
 from unet import set_grad_checkpointing
 
 # -----------------------------------------------------------------------------
@@ -588,6 +589,10 @@ def main(args):
     if args.export_release and (args.method not in ("lavi", "align") or args.adapter != "text"):
         raise SystemExit("--export-release writes LaVi-Bridge's format: a TextAdapter bridge "
                          "(--adapter text, --method lavi or align)")
+    # the data, indexed before any model loads (a missing file or no usable line stops here)
+    pairs = data.text_pairs(args.data) if text_only else None
+    dataset = data.open_dataset(args.data, args.size, args.flip) if not text_only and args.data != "shapes" \
+        else None
     env = setup(args)
     torch.manual_seed(args.seed)
 
@@ -610,12 +615,12 @@ def main(args):
 
     # the data, and the step of this method
     if text_only:
-        step_fn = text_only_step(args, env, raw, native, data.text_pairs(args.data), fresh=not loaded)
+        step_fn = text_only_step(args, env, raw, native, pairs, fresh=not loaded)
     else:
         batches = data.Batches(args.data, args.size, args.flip, args.seed, args.batch_size, args.grad_accum,
                                env.rank, env.world, start, args.num_workers, args.latent_cache,
                                posterior=lambda x: raw.posterior(x.to(env.device, env.ptdtype)),
-                               barrier=dist.barrier if env.ddp else None)
+                               barrier=dist.barrier if env.ddp else None, dataset=dataset)
         step_fn = image_text_step(args, env, raw, model, batches)
 
     def save(step, log):
@@ -659,4 +664,4 @@ def check_native(native, bridge):
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    run_cli(main, get_parser().parse_args())

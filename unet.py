@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from model_io import apply_key_map, build_and_load, check_fixed, dataclass_from_dict, open_checkpoint
+from model_io import (BadInput, apply_key_map, build_and_load, check_fixed, dataclass_from_dict,
+                      open_checkpoint)
 
 # -----------------------------------------------------------------------------
 # building blocks (module names follow diffusers' state-dict keys, so its layout maps 1:1)
@@ -314,7 +315,7 @@ def _per_block(value, n, name):
     if isinstance(value, int):
         return (value,) * n
     if len(value) != n:
-        raise ValueError(f"{name}={value!r} needs one entry per block ({n})")
+        raise BadInput(f"{name}={value!r} needs one entry per block ({n})")
     return tuple(value)
 
 
@@ -374,29 +375,29 @@ class UNetConfig:
                 setattr(self, f, v[0] if f in ("layers_per_block", "cross_attention_dim") and len(set(v)) == 1
                         else tuple(v))
         if not isinstance(self.layers_per_block, int) or not isinstance(self.cross_attention_dim, int):
-            raise ValueError(f"UNetConfig: per-block layers_per_block / cross_attention_dim are not "
+            raise BadInput(f"UNetConfig: per-block layers_per_block / cross_attention_dim are not "
                              f"supported: {self.layers_per_block!r}, {self.cross_attention_dim!r}")
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError(f"UNetConfig: {n} block_out_channels but {len(self.down_block_types)} down and "
+            raise BadInput(f"UNetConfig: {n} block_out_channels but {len(self.down_block_types)} down and "
                              f"{len(self.up_block_types)} up block types")
         bad = [t for t in self.down_block_types if t not in UNET_DOWN_TYPES]
         bad += [t for t in self.up_block_types if t not in UNET_UP_TYPES]
         if bad:
-            raise ValueError(f"UNetConfig: unsupported block types {bad} "
+            raise BadInput(f"UNetConfig: unsupported block types {bad} "
                              f"(supported: {UNET_DOWN_TYPES + UNET_UP_TYPES})")
         heads = _per_block(self.attention_head_dim, n, "attention_head_dim")
         _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
         for c, h in zip(self.block_out_channels, heads):
             if c % h or c % self.norm_num_groups:
-                raise ValueError(f"UNetConfig: {c} channels do not divide into {h} heads / "
+                raise BadInput(f"UNetConfig: {c} channels do not divide into {h} heads / "
                                  f"{self.norm_num_groups} groups")
 
     @classmethod
     def from_diffusers(cls, d):
         """From a diffusers unet/config.json dict; unknown keys are ignored, unsupported values raise."""
         if d.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-            raise ValueError(f"config is for a {d['_class_name']}, not a UNet2DConditionModel")
+            raise BadInput(f"config is for a {d['_class_name']}, not a UNet2DConditionModel")
         check_fixed(d, UNET_FIXED, "UNetConfig")
         return dataclass_from_dict(cls, d)
 
@@ -457,14 +458,14 @@ class UNet(nn.Module):
         if t.dim() == 0 or t.numel() == 1:
             t = t.reshape(1).expand(B)  # (B,)
         if t.shape != (B,):
-            raise ValueError(f"t must be a scalar or of shape ({B},), got {tuple(t.shape)}")
+            raise BadInput(f"t must be a scalar or of shape ({B},), got {tuple(t.shape)}")
         if context.dim() != 3 or context.shape[0] != B or context.shape[2] != self.cfg.cross_attention_dim:
-            raise ValueError(f"context must be (B={B}, T, {self.cfg.cross_attention_dim}), got "
+            raise BadInput(f"context must be (B={B}, T, {self.cfg.cross_attention_dim}), got "
                              f"{tuple(context.shape)}")
         bias = None
         if context_mask is not None:
             if context_mask.shape != context.shape[:2]:
-                raise ValueError(f"context_mask must be {tuple(context.shape[:2])}, got "
+                raise BadInput(f"context_mask must be {tuple(context.shape[:2])}, got "
                                  f"{tuple(context_mask.shape)}")
             bias = ((1 - context_mask.to(x.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, T), as diffusers
         c = self.cfg
@@ -514,13 +515,13 @@ class VAEConfig:
         self.block_out_channels = tuple(self.block_out_channels)
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(f"VAEConfig: channels {bad} do not divide into {self.norm_num_groups} groups")
+            raise BadInput(f"VAEConfig: channels {bad} do not divide into {self.norm_num_groups} groups")
 
     @classmethod
     def from_diffusers(cls, d):
         """From a diffusers vae/config.json dict; unknown keys are ignored, unsupported values raise."""
         if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ValueError(f"config is for a {d['_class_name']}, not an AutoencoderKL")
+            raise BadInput(f"config is for a {d['_class_name']}, not an AutoencoderKL")
         check_fixed(d, VAE_FIXED, "VAEConfig")
         return dataclass_from_dict(cls, d)
 
@@ -736,7 +737,7 @@ def _component(sd, prefix, path, what):
         elif not (k.startswith(others) or k in SINGLE_FILE_OTHER_KEYS):
             stray.append(k)
     if stray:
-        raise ValueError(f"{path}: {len(stray)} keys belong to no known component of an SD/LDM single file "
+        raise BadInput(f"{path}: {len(stray)} keys belong to no known component of an SD/LDM single file "
                          f"(the {what} lives under '{prefix}'): {', '.join(sorted(stray)[:10])}")
     return mine
 
@@ -789,7 +790,7 @@ def _infer(fn, sd, path):
     try:
         return fn(sd)
     except (KeyError, StopIteration) as e:
-        raise ValueError(f"{path}: cannot infer the config, the checkpoint lacks {e or 'attn2.to_k weights'} "
+        raise BadInput(f"{path}: cannot infer the config, the checkpoint lacks {e or 'attn2.to_k weights'} "
                          "(incomplete file?)") from None
 
 
@@ -808,7 +809,7 @@ def _unet_checkpoint(path):
         if cfg is not None and cfg.get("_class_name") == "UNet2DConditionModel":
             return UNetConfig.from_diffusers(cfg), sd
         return _infer(infer_unet_config, sd, path), sd
-    raise ValueError(f"{path} is not an SD/LDM U-Net checkpoint: no '{UNET_PREFIX}*', 'input_blocks.*' or "
+    raise BadInput(f"{path} is not an SD/LDM U-Net checkpoint: no '{UNET_PREFIX}*', 'input_blocks.*' or "
                      f"diffusers 'conv_in.*'/'time_embedding.*' keys (it has e.g. {', '.join(list(sd)[:5])})")
 
 
@@ -830,6 +831,6 @@ def _vae_checkpoint(path):
         if cfg is not None and cfg.get("_class_name") == "AutoencoderKL":
             return VAEConfig.from_diffusers(cfg), sd
         return _infer(infer_vae_config, sd, path), sd
-    raise ValueError(f"{path} is not an SD/LDM VAE (AutoencoderKL) checkpoint: no '{VAE_PREFIX}*', "
+    raise BadInput(f"{path} is not an SD/LDM VAE (AutoencoderKL) checkpoint: no '{VAE_PREFIX}*', "
                      "'encoder.down.*' or diffusers 'encoder.conv_in.*' keys (it has e.g. "
                      f"{', '.join(list(sd)[:5])})")
