@@ -57,13 +57,13 @@ class TextAdapter(nn.Module):
         cfg = read_config(folder)
         if cfg is None:
             raise MissingInput(f"{folder}: no config.json (a LaVi-Bridge adapter/ folder holds "
-                                    "config.json and diffusion_pytorch_model.safetensors or .bin)")
+                               "config.json and diffusion_pytorch_model.safetensors or .bin)")
         if cfg.get("_class_name", "TextAdapter") != "TextAdapter":
             raise BadInput(f"{folder}/config.json describes a {cfg['_class_name']}, not a TextAdapter")
         missing = [k for k in ("in_dim", "int_dim", "out_dim") if not isinstance(cfg.get(k), int)]
         if missing:
             raise BadInput(f"{folder}/config.json lacks integer {missing} "
-                             "(LaVi-Bridge keys: in_dim, int_dim, out_dim)")
+                           "(LaVi-Bridge keys: in_dim, int_dim, out_dim)")
         sd = load_weights(find_weight_file(folder))
         with torch.device("meta"):  # no init work; load_strict assigns the file's tensors
             model = cls(cfg["in_dim"], cfg["int_dim"], cfg["out_dim"], dropout=dropout)
@@ -135,7 +135,7 @@ class GlueTranslator(nn.Module):
         """x: (B, num_tokens, dim) -> (B, num_tokens, dim_out)."""
         if x.dim() != 3 or x.shape[1] != self.num_tokens:
             raise BadInput(f"GlueNet mixes exactly {self.num_tokens} tokens (pad or truncate to it); "
-                             f"got shape {tuple(x.shape)}")
+                           f"got shape {tuple(x.shape)}")
         for block in self.blocks:
             x = F.gelu(block(x) + x)  # (B, T, dim)
         return self.tail(x)
@@ -175,7 +175,7 @@ class GlueNet(nn.Module):
         need = ("blocks.0.net_tok.0.weight", "blocks.0.net_sen.0.weight", "tail.net_sen.4.weight")
         if any(k not in sd for k in need):
             raise BadInput(f"{path} is not a GlueGen GlueNet encoder (needs keys {need}); "
-                             f"first keys: {list(sd)[:5]}")
+                           f"first keys: {list(sd)[:5]}")
         # (mult*T, T), (mult*C, C)
         tok, sen = sd["blocks.0.net_tok.0.weight"], sd["blocks.0.net_sen.0.weight"]
         depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
@@ -271,7 +271,7 @@ def alignment_loss(pred, target, mask=None, kind="cosine", norm_weight=2e-5):
     where mask is 1. pred, target (B, T, C); mask (B, T) or None (every token)."""
     if pred.shape != target.shape:
         raise BadInput(f"alignment_loss: prediction {tuple(pred.shape)} and target "
-                         f"{tuple(target.shape)} differ")
+                       f"{tuple(target.shape)} differ")
     if kind == "cosine":
         per_token = (1 - F.cosine_similarity(pred, target, dim=-1, eps=1e-8)
                      + norm_weight * (pred.norm(dim=-1) - target.norm(dim=-1)) ** 2)  # (B, T)

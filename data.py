@@ -308,8 +308,8 @@ def load_latent_cache(folder, ds):
     made_for = (json.loads(meta["source"]), int(meta["size"]), int(meta["items"]))
     if made_for != (ds.source, ds.size, len(ds.items)):
         raise BadInput(f"{path} was made for {meta['source']} at {meta['size']} px ({meta['items']} "
-                         f"items), not for {ds.source!r} at {ds.size} px ({len(ds.items)} items): delete "
-                         f"it or pass another --latent-cache")
+                       f"items), not for {ds.source!r} at {ds.size} px ({len(ds.items)} items): delete "
+                       f"it or pass another --latent-cache")
     return t["mean"], t["std"], t["valid"]
 
 
@@ -407,7 +407,7 @@ def text_pairs(spec):
         return shapes.parallel_captions("train", spec[len("shapes:"):])
     if not os.path.isfile(spec):
         raise MissingInput(f"caption file not found: {spec} (text-only methods read shapes, "
-                                "shapes:<language>, a .txt of captions or a source<TAB>target file)")
+                           "shapes:<language>, a .txt of captions or a source<TAB>target file)")
     pairs, bad = [], []
     with open(spec, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -426,7 +426,7 @@ def text_pairs(spec):
         raise BadInput(f"{spec}: no caption in it")
     if sum(s.lower().endswith(IMAGE_EXTS) for s, _ in pairs) > len(pairs) // 2:
         raise BadInput(f"{spec} looks like an image-caption TSV (path<TAB>caption): the text-only methods "
-                         f"read captions, or source<TAB>target caption pairs")
+                       f"read captions, or source<TAB>target caption pairs")
     return pairs
 
 

@@ -64,7 +64,7 @@ class DiTConfig:
         name = config.get("_class_name")
         if name not in (None, *DIT_CLASSES):
             raise BadInput(f"config.json is for {name}; DiT loads PixArtTransformer2DModel or "
-                             f"Transformer2DModel with norm_type 'ada_norm_single'")
+                           f"Transformer2DModel with norm_type 'ada_norm_single'")
         # values fixed by this implementation (PixArt-XL-2); anything else is another architecture
         fixed = {"norm_type": "ada_norm_single", "activation_fn": "gelu-approximate", "attention_bias": True,
                  "norm_elementwise_affine": False, "only_cross_attention": False,
@@ -189,13 +189,13 @@ class ConditionEmbedding(nn.Module):
             return emb
         if resolution is None or aspect_ratio is None:
             raise BadInput("this DiT (1024-MS) needs resolution (B, 2) and aspect_ratio (B, 1) "
-                             "micro-conditions")
+                           "micro-conditions")
         B = t.shape[0]
         resolution = torch.as_tensor(resolution, device=t.device).reshape(-1)  # (2B,)
         aspect_ratio = torch.as_tensor(aspect_ratio, device=t.device).reshape(-1)  # (B,)
         if resolution.numel() != 2 * B or aspect_ratio.numel() != B:
             raise BadInput(f"resolution must be (B, 2) and aspect_ratio (B, 1) with B={B}, "
-                             f"got {resolution.numel()} and {aspect_ratio.numel()} values")
+                           f"got {resolution.numel()} and {aspect_ratio.numel()} values")
         res = self.resolution_embedder(resolution).reshape(B, -1)  # (B, 2D/3)
         ar = self.aspect_ratio_embedder(aspect_ratio).reshape(B, -1)  # (B, D/3)
         return emb + torch.cat([res, ar], dim=1)
@@ -327,7 +327,7 @@ class DiT(nn.Module):
             raise BadInput(f"latent size {H}x{W} is not divisible by the patch size {p}")
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != self.cfg.caption_channels:
             raise BadInput(f"context must be (B={B}, T, {self.cfg.caption_channels}), "
-                             f"got {tuple(context.shape)}")
+                           f"got {tuple(context.shape)}")
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(B) if t.ndim == 0 else t.reshape(-1)  # (B,)
         if t.shape[0] != B:
@@ -340,7 +340,7 @@ class DiT(nn.Module):
         if context_mask is not None:
             if context_mask.shape != context.shape[:2]:
                 raise BadInput(f"context_mask must be (B, T) = {tuple(context.shape[:2])}, "
-                                 f"got {tuple(context_mask.shape)}")
+                               f"got {tuple(context_mask.shape)}")
             bias = (1 - context_mask.to(tokens.dtype)) * -10000.0  # (B, T)
             bias = bias[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
         for block in self.transformer_blocks:
@@ -455,7 +455,7 @@ def convert_state_dict(sd, what="checkpoint"):
         else:
             guess = "an unknown model"
         raise BadInput(f"{what} is not a PixArt DiT checkpoint (no 'transformer_blocks.*' or 'blocks.*' "
-                         f"keys); it looks like {guess}. First keys: {keys[:5]}")
+                       f"keys); it looks like {guess}. First keys: {keys[:5]}")
     return apply_key_map(sd, fn, what)
 
 

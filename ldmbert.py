@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_io import (BadInput, MissingInput, build_and_load, dataclass_from_dict, find_weight_file, load_weights,
-                      read_config)
+from model_io import (BadInput, MissingInput, build_and_load, dataclass_from_dict, find_weight_file,
+                      load_weights, read_config)
 
 LDMBERT_ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
@@ -41,7 +41,7 @@ class LDMBertConfig:
             raise BadInput(f"LDMBert config.json lacks {missing}")
         if d.get("activation_function", "gelu") not in LDMBERT_ACT:
             raise BadInput(f"LDMBert activation {d['activation_function']!r} not supported "
-                             f"({', '.join(LDMBERT_ACT)})")
+                           f"({', '.join(LDMBERT_ACT)})")
         return dataclass_from_dict(cls, d)
 
 

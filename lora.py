@@ -85,7 +85,7 @@ class LoRAConv2d(_LoRA):
             raise TypeError(f"LoRAConv2d wraps an nn.Conv2d, got {type(base).__name__}")
         if base.groups != 1:
             raise BadInput(f"LoRAConv2d supports groups=1 only (got groups={base.groups}); "
-                             "grouped convs cannot be merged exactly")
+                           "grouped convs cannot be merged exactly")
         kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
         self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
                               base.dilation, padding_mode=base.padding_mode, **kw)
@@ -152,7 +152,7 @@ def inject(model, targets, rank, scale=1.0, dropout=0.0):
     if not paths:
         hint = "the model already has LoRA on them; " if inside else ""
         raise BadInput(f"no nn.Linear/nn.Conv2d path matched {targets} ({hint}paths are relative to the "
-                         f"module passed, e.g. {layers[:4]})")
+                       f"module passed, e.g. {layers[:4]})")
     for name in paths:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -248,7 +248,7 @@ def load_release_file(path):
         raise BadInput(f"cannot read {path} as a torch file of tensors (truncated or corrupt?): {e}") from e
     if not isinstance(obj, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in obj):
         raise BadInput(f"{path}: expected a flat list [up_0, down_0, up_1, down_1, ...] of tensors "
-                         f"(LaVi-Bridge / cloneofsimo format), got {type(obj).__name__}")
+                       f"(LaVi-Bridge / cloneofsimo format), got {type(obj).__name__}")
     if len(obj) % 2:
         raise BadInput(f"{path}: a release LoRA list holds (up, down) pairs, but it has {len(obj)} tensors")
     return [t.detach() for t in obj]
@@ -266,9 +266,9 @@ def import_release_list(model, tensors, injected_paths=None):
         raise BadInput(f"not LoRA modules in this model (inject first): {unknown[:5]}")
     if len(tensors) != 2 * len(paths):
         raise BadInput(f"release LoRA list has {len(tensors)} tensors ({len(tensors) / 2:g} pairs), "
-                         f"but this model has {len(paths)} injected LoRA modules: "
-                         f"expected {len(paths)} pairs "
-                         f"({2 * len(paths)} tensors). Wrong target set or wrong model?")
+                       f"but this model has {len(paths)} injected LoRA modules: "
+                       f"expected {len(paths)} pairs "
+                       f"({2 * len(paths)} tensors). Wrong target set or wrong model?")
     for i, p in enumerate(paths):
         m = mods[p]
         up, down = tensors[2 * i], tensors[2 * i + 1]
@@ -276,8 +276,8 @@ def import_release_list(model, tensors, injected_paths=None):
             if tuple(t.shape) != tuple(w.shape):
                 file_rank = up.shape[1] if up.dim() > 1 else "?"
                 raise BadInput(f"release LoRA item {2 * i + (what == 'down')} ({what} of {p}): shape "
-                                 f"{tuple(t.shape)} in the file, {tuple(w.shape)} in the model (file rank "
-                                 f"{file_rank}, injected rank {m.rank})")
+                               f"{tuple(t.shape)} in the file, {tuple(w.shape)} in the model (file rank "
+                               f"{file_rank}, injected rank {m.rank})")
     for i, p in enumerate(paths):
         _set_lora(mods[p], tensors[2 * i + 1], tensors[2 * i])
 

@@ -130,7 +130,7 @@ class TextEncoder(nn.Module):
             tokenizer.pad_token = recipe.pad_token
         elif tokenizer.pad_token is None:
             raise BadInput(f"the tokenizer of {model.config.model_type} has no pad token: set "
-                             f"TextRecipe.pad_token")
+                           f"TextRecipe.pad_token")
         if recipe.hidden != "last":
             # transformers 5 collects hidden_states by hooks it installs on first use, under a lock that
             # torch.compile cannot trace (a graph break in every compiled step): install them now
@@ -150,7 +150,7 @@ class TextEncoder(nn.Module):
         folder, family = lm_source(name_or_path)
         if family not in FAMILIES:
             raise BadInput(f"{name_or_path}: language model family {family!r} is not supported; supported: "
-                             f"{', '.join(sorted(FAMILIES))}")
+                           f"{', '.join(sorted(FAMILIES))}")
         recipe = recipe if recipe is not None else recipe_for(name_or_path)
         # transformers >= 4.56 names it dtype, older ones torch_dtype
         new_api = tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (4, 56)
@@ -182,7 +182,7 @@ class TextEncoder(nn.Module):
             longest = max(len(ids) for ids in self.tokenizer(prompts).input_ids)
             if longest > r.max_length:
                 raise BadInput(f"a prompt is {longest} tokens long, over max_length {r.max_length} "
-                                 f"(and the recipe does not truncate)")
+                               f"(and the recipe does not truncate)")
         enc = self.tokenizer(prompts, padding="max_length" if r.pad_to_max else "longest",
                              max_length=r.max_length, truncation=r.truncate, return_tensors="pt")
         return enc.input_ids, enc.attention_mask
@@ -254,7 +254,7 @@ def vision_folder(name, patterns):
     if os.path.exists(name):
         return name
     raise BadInput(f"unknown --vision {name!r}: use one of {', '.join(VISION_PRESETS)}, shapes, "
-                     f"a diffusers pipeline folder or a single checkpoint file")
+                   f"a diffusers pipeline folder or a single checkpoint file")
 
 
 def load_vision(name, dtype=torch.float32, device="cpu", pretrained=True):
@@ -493,13 +493,13 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dty
     elif cfg.adapter == "gluenet":
         if text.token_count is None:
             raise BadInput("--adapter gluenet mixes a fixed number of tokens: "
-                             "the LM recipe must pad to max_length")
+                           "the LM recipe must pad to max_length")
         bridge.adapter = GlueNet(GlueNetConfig(text.token_count, d_in, d_out, cfg.glue_mult, cfg.glue_depth))
     elif cfg.adapter != "none":
         raise BadInput(f"unknown adapter {cfg.adapter!r} (text, gluenet, none)")
     elif d_in != d_out:
         raise BadInput(f"--adapter none needs equal widths, but the LM gives {d_in} "
-                         f"and the vision model takes {d_out}")
+                       f"and the vision model takes {d_out}")
     if bridge.adapter is not None:
         bridge.adapter.to(device, dtype)
     if cfg.lora_rank and cfg.lora_vision:
@@ -507,8 +507,8 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dty
     if cfg.lora_rank and cfg.lora_lm:
         if text.lora_targets is None:
             raise BadInput(f"no LoRA targets are known for the text encoder {cfg.lm!r}: pass "
-                             f"--lora-lm false, or add its attention projections to lora.LORA_TARGETS "
-                             f"and model.FAMILIES")
+                           f"--lora-lm false, or add its attention projections to lora.LORA_TARGETS "
+                           f"and model.FAMILIES")
         bridge.lora_text_paths = inject(text.model, LORA_TARGETS[text.lora_targets], cfg.lora_rank,
                                         dropout=cfg.lora_dropout)
     return bridge
@@ -577,7 +577,7 @@ def init_trainable(bridge, sd):
     parts = _split_parts({k: v for k, v in sd.items() if not k.startswith(("ema.", "optim."))})
     if "unet" in parts or "text" in parts:
         raise BadInput("this checkpoint is a whole shapes base model, not a bridge: pass it as "
-                         "--vision shapes:PATH")
+                       "--vision shapes:PATH")
     loaded = []
     if "adapter" in parts and bridge.adapter is not None:
         try:
@@ -585,7 +585,7 @@ def init_trainable(bridge, sd):
         except ValueError as e:
             kind = type(bridge.adapter).__name__
             raise BadInput(f"the checkpoint's adapter does not fit this bridge's {kind} (another "
-                             f"--adapter, --lm or --vision?): {e}") from None
+                           f"--adapter, --lm or --vision?): {e}") from None
         loaded.append("adapter")
     for head, net, paths in (("lora_vis", bridge.denoiser, bridge.lora_vis_paths),
                              ("lora_text", bridge.text.model, bridge.lora_text_paths)):
@@ -619,8 +619,8 @@ def load_release(bridge, folder, lists=None):
     mine = bridge.adapter
     if mine is None or (adapter.in_dim, adapter.out_dim) != (mine.in_dim, mine.out_dim):
         raise BadInput(f"the release adapter maps {adapter.in_dim} -> {adapter.out_dim}, but this LM gives "
-                         f"{bridge.text.width} and the vision model takes "
-                         f"{mine.out_dim if mine is not None else '(no adapter)'}: wrong --lm or --vision?")
+                       f"{bridge.text.width} and the vision model takes "
+                       f"{mine.out_dim if mine is not None else '(no adapter)'}: wrong --lm or --vision?")
     if adapter.mid_dim != mine.mid_dim:  # the release's own middle width wins
         p = next(mine.parameters())
         bridge.adapter = mine = TextAdapter(adapter.in_dim, adapter.mid_dim, adapter.out_dim,
@@ -636,7 +636,7 @@ def export_release(bridge, folder):
     lora_vis.pt / lora_text.pt, fp16 lists [up_0, down_0, ...] in the release's module-walk order."""
     if not isinstance(bridge.adapter, TextAdapter):
         raise BadInput("the release format holds a TextAdapter bridge (adapter text), not "
-                         f"{type(bridge.adapter).__name__ if bridge.adapter is not None else 'no adapter'}")
+                       f"{type(bridge.adapter).__name__ if bridge.adapter is not None else 'no adapter'}")
     bridge.adapter.save_pretrained(os.path.join(folder, "adapter"))
     for name, net, paths in (("lora_vis.pt", bridge.denoiser, bridge.lora_vis_paths),
                              ("lora_text.pt", bridge.text.model, bridge.lora_text_paths)):
@@ -692,7 +692,7 @@ def load_bridge(path, dtype=torch.float32, device="cpu", use_ema=True, merge=Fal
         rank = overrides.pop("lora_rank", lists[2])
         if rank != lists[2]:
             raise BadInput(f"--lora-rank {rank} does not match the release's LoRA lists (file rank "
-                             f"{lists[2]}, injected rank {rank}): leave --lora-rank out")
+                           f"{lists[2]}, injected rank {rank}): leave --lora-rank out")
         bridge = build_bridge(BridgeConfig(**overrides, lora_rank=rank), dtype, device, lm_dtype=lm_dtype)
         load_release(bridge, path, lists)
         bridge.sampling = RELEASE_SAMPLING

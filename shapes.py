@@ -573,7 +573,7 @@ def load_base(path=BASE):
     """(U-Net, word encoder, scheduler config) of a base model file, loaded strictly."""
     if not os.path.isfile(path):
         raise MissingInput(f"the shapes base model {path} is missing: train it with "
-                                f"`python train.py --preset shapes-base` (see README)")
+                           f"`python train.py --preset shapes-base` (see README)")
     sd, meta = read_safetensors(path, "shapes base model")
     ucfg = json.loads(meta["unet"])
     unet = UNet(UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ucfg.items()}))

@@ -3072,8 +3072,8 @@ def test_command_lines_end_bad_input_in_one_line(tmp_path):
             "truncated or corrupt": ["sample.py", "--bridge", str(tmp_path / "bad.safetensors")],
             "caption file not found": ["train.py", "--data", str(tmp_path / "none.tsv"), "--out",
                                        str(tmp_path / "run")],
-            "text-only methods read": ["train.py", "--method", "gluenet", "--data", str(tmp_path / "none.txt"),
-                                       "--out", str(tmp_path / "run")]}
+            "text-only methods read": ["train.py", "--method", "gluenet", "--data",
+                                       str(tmp_path / "none.txt"), "--out", str(tmp_path / "run")]}
     for want, argv in runs.items():
         r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300,
                            cwd=os.path.dirname(os.path.abspath(__file__)))

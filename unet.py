@@ -376,22 +376,22 @@ class UNetConfig:
                         else tuple(v))
         if not isinstance(self.layers_per_block, int) or not isinstance(self.cross_attention_dim, int):
             raise BadInput(f"UNetConfig: per-block layers_per_block / cross_attention_dim are not "
-                             f"supported: {self.layers_per_block!r}, {self.cross_attention_dim!r}")
+                           f"supported: {self.layers_per_block!r}, {self.cross_attention_dim!r}")
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
             raise BadInput(f"UNetConfig: {n} block_out_channels but {len(self.down_block_types)} down and "
-                             f"{len(self.up_block_types)} up block types")
+                           f"{len(self.up_block_types)} up block types")
         bad = [t for t in self.down_block_types if t not in UNET_DOWN_TYPES]
         bad += [t for t in self.up_block_types if t not in UNET_UP_TYPES]
         if bad:
             raise BadInput(f"UNetConfig: unsupported block types {bad} "
-                             f"(supported: {UNET_DOWN_TYPES + UNET_UP_TYPES})")
+                           f"(supported: {UNET_DOWN_TYPES + UNET_UP_TYPES})")
         heads = _per_block(self.attention_head_dim, n, "attention_head_dim")
         _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
         for c, h in zip(self.block_out_channels, heads):
             if c % h or c % self.norm_num_groups:
                 raise BadInput(f"UNetConfig: {c} channels do not divide into {h} heads / "
-                                 f"{self.norm_num_groups} groups")
+                               f"{self.norm_num_groups} groups")
 
     @classmethod
     def from_diffusers(cls, d):
@@ -461,12 +461,12 @@ class UNet(nn.Module):
             raise BadInput(f"t must be a scalar or of shape ({B},), got {tuple(t.shape)}")
         if context.dim() != 3 or context.shape[0] != B or context.shape[2] != self.cfg.cross_attention_dim:
             raise BadInput(f"context must be (B={B}, T, {self.cfg.cross_attention_dim}), got "
-                             f"{tuple(context.shape)}")
+                           f"{tuple(context.shape)}")
         bias = None
         if context_mask is not None:
             if context_mask.shape != context.shape[:2]:
                 raise BadInput(f"context_mask must be {tuple(context.shape[:2])}, got "
-                                 f"{tuple(context_mask.shape)}")
+                               f"{tuple(context_mask.shape)}")
             bias = ((1 - context_mask.to(x.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, T), as diffusers
         c = self.cfg
         temb = timestep_features(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)  # (B, C0)
@@ -738,7 +738,7 @@ def _component(sd, prefix, path, what):
             stray.append(k)
     if stray:
         raise BadInput(f"{path}: {len(stray)} keys belong to no known component of an SD/LDM single file "
-                         f"(the {what} lives under '{prefix}'): {', '.join(sorted(stray)[:10])}")
+                       f"(the {what} lives under '{prefix}'): {', '.join(sorted(stray)[:10])}")
     return mine
 
 
@@ -791,7 +791,7 @@ def _infer(fn, sd, path):
         return fn(sd)
     except (KeyError, StopIteration) as e:
         raise BadInput(f"{path}: cannot infer the config, the checkpoint lacks {e or 'attn2.to_k weights'} "
-                         "(incomplete file?)") from None
+                       "(incomplete file?)") from None
 
 
 def _unet_checkpoint(path):
@@ -810,7 +810,7 @@ def _unet_checkpoint(path):
             return UNetConfig.from_diffusers(cfg), sd
         return _infer(infer_unet_config, sd, path), sd
     raise BadInput(f"{path} is not an SD/LDM U-Net checkpoint: no '{UNET_PREFIX}*', 'input_blocks.*' or "
-                     f"diffusers 'conv_in.*'/'time_embedding.*' keys (it has e.g. {', '.join(list(sd)[:5])})")
+                   f"diffusers 'conv_in.*'/'time_embedding.*' keys (it has e.g. {', '.join(list(sd)[:5])})")
 
 
 def _vae_checkpoint(path):
@@ -832,5 +832,5 @@ def _vae_checkpoint(path):
             return VAEConfig.from_diffusers(cfg), sd
         return _infer(infer_vae_config, sd, path), sd
     raise BadInput(f"{path} is not an SD/LDM VAE (AutoencoderKL) checkpoint: no '{VAE_PREFIX}*', "
-                     "'encoder.down.*' or diffusers 'encoder.conv_in.*' keys (it has e.g. "
-                     f"{', '.join(list(sd)[:5])})")
+                   "'encoder.down.*' or diffusers 'encoder.conv_in.*' keys (it has e.g. "
+                   f"{', '.join(list(sd)[:5])})")
