@@ -346,6 +346,14 @@ class Sampling:
     prompt_suffix: str = ""     # appended to every positive prompt (never to the negative one)
     scheduler_overrides: tuple = ()  # (key, value) over the pipeline's scheduler config, for `scheduler`
 
+    def but(self, scheduler=None, steps=None, guidance=None, prompt_suffix=None):
+        """This recipe with the fields given (not None) replaced; another scheduler drops the overrides."""
+        same = scheduler in (None, self.scheduler)
+        return Sampling(self.scheduler if same else scheduler, steps or self.steps,
+                        self.guidance if guidance is None else guidance,
+                        self.prompt_suffix if prompt_suffix is None else prompt_suffix,
+                        self.scheduler_overrides if same else ())
+
 
 # LaVi-Bridge's test/*.py: diffusers 0.24's UniPC from the pipeline's scheduler folder (its last sigma is
 # sigma(t=0), "sigma_min" in later diffusers), 50 steps, CFG 7.5, the suffix on the positive prompt
@@ -428,11 +436,14 @@ class Bridge(nn.Module):
         return F.mse_loss(upcast(pred), upcast(target))
 
     @torch.no_grad()
-    def sample(self, prompts, negative_prompt="", steps=50, guidance=7.5, height=None, width=None, seed=0,
-               scheduler="ddim", progress=True, scheduler_overrides=()):
-        """Images (B, H, W, 3) uint8 for a list of prompts, with classifier-free guidance; scheduler: a
-        schedulers.SCHEDULERS name, built from the pipeline's scheduler config updated by the overrides."""
-        prompts = list(prompts)
+    def sample(self, prompts, negative_prompt="", steps=None, guidance=None, height=None, width=None, seed=0,
+               scheduler=None, prompt_suffix=None, progress=True):
+        """Images (B, H, W, 3) uint8 for a list of prompts, with classifier-free guidance. The sampler
+        (a schedulers.SCHEDULERS name, built from the pipeline's scheduler config), steps, guidance and the
+        suffix of the positive prompts are self.sampling's where not given."""
+        recipe = self.sampling.but(scheduler, steps, guidance, prompt_suffix)
+        steps, guidance = recipe.steps, recipe.guidance
+        prompts = [p + recipe.prompt_suffix for p in prompts]
         B = len(prompts)
         dev = next(self.denoiser.parameters()).device
         dtype = next(self.denoiser.parameters()).dtype
@@ -447,7 +458,7 @@ class Bridge(nn.Module):
         g = torch.Generator("cpu").manual_seed(seed)
         x = torch.randn((B, self.latent_channels, height // f, width // f), generator=g, dtype=torch.float32)
         x = x.to(dev, dtype)
-        sched = make(scheduler, {**self.scheduler_config, **dict(scheduler_overrides)})
+        sched = make(recipe.scheduler, {**self.scheduler_config, **dict(recipe.scheduler_overrides)})
         ts, prev = sched.timesteps(steps).tolist(), sched.prev_timesteps(steps).tolist()
         for t, t_prev in zip(tqdm(ts, desc="sampling", disable=not progress, leave=False), prev):
             tt = torch.full((2 * B,), t, device=dev, dtype=torch.long)

@@ -79,20 +79,15 @@ def main(args):
     if device.type == "cpu":
         cpu.layout(bridge.denoiser)
     world = is_shapes(bridge.cfg.vision)
-    recipe = bridge.sampling
-    scheduler = args.scheduler or recipe.scheduler
-    steps = args.steps or recipe.steps
-    guidance = args.guidance if args.guidance is not None else recipe.guidance
-    suffix = args.prompt_suffix if args.prompt_suffix is not None else recipe.prompt_suffix
-    overrides = recipe.scheduler_overrides if scheduler == recipe.scheduler else ()
-    how = "".join(f" ({k} {v})" for k, v in overrides)
+    bridge.sampling = r = bridge.sampling.but(args.scheduler, args.steps, args.guidance, args.prompt_suffix)
+    how = "".join(f" ({k} {v})" for k, v in r.scheduler_overrides)
     whose = "the release's recipe, flags override it" if os.path.isdir(args.bridge) else "flags override it"
-    print(f"sampling: {scheduler}{how}, {steps} steps, CFG {guidance:g}, prompt suffix {suffix!r} ({whose})")
+    print(f"sampling: {r.scheduler}{how}, {r.steps} steps, CFG {r.guidance:g}, prompt suffix "
+          f"{r.prompt_suffix!r} ({whose})")
     default = shapes.PROMPTS if world else ["a photograph of an astronaut riding a horse"]
     prompts = [p for p in (args.prompt or default) for _ in range(args.n)]
-    imgs = bridge.sample([p + suffix for p in prompts], negative_prompt=args.negative_prompt, steps=steps,
-                         guidance=guidance, height=args.height, width=args.width, seed=args.seed,
-                         scheduler=scheduler, scheduler_overrides=overrides)
+    imgs = bridge.sample(prompts, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                         seed=args.seed)
     imgs = imgs.numpy()
     out = args.out or (os.path.join(os.path.dirname(args.bridge), "grid.png") if world else "samples")
     if len(imgs) == 1 and out.endswith(".png"):
@@ -109,8 +104,8 @@ def main(args):
     if args.eval:
         if not world:
             raise SystemExit("--eval measures the shapes world; this bridge is not one")
-        sampling = dict(n=args.eval_n, sets=tuple(args.eval_sets.split(",")), steps=steps, guidance=guidance,
-                        scheduler=scheduler)
+        sampling = dict(n=args.eval_n, sets=tuple(args.eval_sets.split(",")), steps=r.steps,
+                        guidance=r.guidance, scheduler=r.scheduler)
         base = native_bridge(bridge.cfg.vision, device=device)
         rows = {"base model + own encoder": shapes.evaluate_bridge(base, **sampling),
                 "bridge after training": shapes.evaluate_bridge(bridge, **sampling)}

@@ -2793,7 +2793,8 @@ def test_sample_matches_official_recipe(world, tmp_path, combo):
     print(f"{combo}: relative errors " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     assert all(v < 1e-5 for v in errs.values()), errs
     t0 = time.perf_counter()
-    img = bridge.sample([PROMPT], steps=STEPS, guidance=GUIDANCE, seed=seed, progress=False)[0].numpy()
+    img = bridge.sample([PROMPT], steps=STEPS, guidance=GUIDANCE, seed=seed, scheduler="ddim", prompt_suffix="",
+                        progress=False)[0].numpy()
     t_ours = time.perf_counter() - t0
     assert np.array_equal(img, ours)  # sample.py is this bridge, merged
     print(f"{combo}: sampling time ours {t_ours:.3f} s, reference {t_ref:.3f} s, ratio {t_ours / t_ref:.2f}")
@@ -2803,7 +2804,7 @@ def test_sample_matches_official_recipe(world, tmp_path, combo):
 def test_release_folder_samples_with_the_release_recipe(world, tmp_path, combo, capsys):
     """sample.py on a release folder with no sampler flags and no --lora-rank (its lists have rank 4, not the
     release's 32): the release's recipe, UniPC as diffusers 0.24 runs it, 50 steps, CFG 7.5, the suffix on the
-    prompt; its PNG equals the reference's."""
+    prompt; its PNG equals the reference's, and so does Bridge.sample's with no sampler arguments."""
     lm_key, vis_key = COMBOS[combo][:2]
     tok, lm, vis, vae, sched_json = load_reference(world, combo)
     release = str(tmp_path / "release")
@@ -2822,6 +2823,10 @@ def test_release_folder_samples_with_the_release_recipe(world, tmp_path, combo, 
     print(f"{combo}: PSNR(sample.py, release recipe reference) = {psnr(ours, ref):.1f} dB")
     assert psnr(ours, ref) >= 40 and ref.std() > 10
     assert np.array_equal(ours, ref)
+    # the loaded bridge samples with the release's recipe from Python too
+    bridge = model.load_bridge(release, merge=True, lm=world[lm_key], vision=world[vis_key])
+    cpu.layout(bridge.denoiser)  # as sample.py on a CPU
+    assert np.array_equal(bridge.sample([PROMPT], seed=5, progress=False)[0].numpy(), ours)
 
 
 def test_llama_dtypes(world):

@@ -530,8 +530,7 @@ def write_samples(bridge, args, step):
     """A grid of the fixed sample prompts, OUT/samples/step_NNNNNN.png."""
     bridge.eval()
     prompts = args.sample_prompts.split("|")
-    guidance = shapes.GUIDANCE if is_shapes(args.vision) else 7.5  # the CFG sample.py uses for this model
-    imgs = bridge.sample(prompts, steps=20, guidance=guidance, seed=0, progress=False)
+    imgs = bridge.sample(prompts, steps=20, seed=0, progress=False)  # the CFG sample.py uses for this model
     bridge.train()
     shapes.save_grid(imgs, os.path.join(args.out, "samples", f"step_{step:06d}.png"), captions=prompts)
 
