@@ -2,13 +2,15 @@
 The data a training run reads, step by step:
 - ImageTextDataset: image-caption pairs from a TSV "path<TAB>caption" (as the LaVi-Bridge release reads), a
   folder of image + .txt pairs, or WebDataset-style .tar shards; resized, center-cropped and flipped as the
-  release. Bad data is counted, skipped and reported, never replaced by another item.
+  release. Bad data is counted and reported: a bad line or missing file is skipped while indexing; an
+  image that does not decode is replaced, in its batch, by the next readable item of the run's order.
 - the order of a run: global sample index g -> (item, flip), a function of (seed, g) alone, so that a run
   draws the same data whatever its world size, DataLoader workers or resume point;
 - the latent cache: every image VAE-encoded once (both flips), the posterior kept;
 - caption pairs for the text-only methods (source<TAB>target files, or the shapes world's);
 - Batches: one rank's micro-batches by step, from any of these or drawn from the shapes world.
 """
+import codecs
 import functools
 import glob
 import io
@@ -28,6 +30,35 @@ from model_io import BadInput, MissingInput, read_safetensors, save_safetensors
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+MAX_PIXELS = 64 * 2 ** 20  # larger images are refused from their header, before decoding
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+
+
+def text_lines(path):
+    """(line number, text without the line break, or None where the line is not UTF-8) of a text file;
+    a UTF-8 byte-order mark is dropped."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                yield n, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                yield n, None
+
+
+def to_rgb(img):
+    """Any image Pillow opens -> 8-bit RGB: 16- and 32-bit greyscale scaled down (not clipped), float
+    greyscale from [0, 1], palette images through their palette, transparency composited on BACKGROUND."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        peak = a.max(initial=0)
+        top = 1.0 if img.mode == "F" and peak <= 1 else 255.0 if peak <= 255 else 65535.0
+        img = Image.fromarray(np.clip(np.round(a * (255 / top)), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba)
+    return img.convert("RGB")
 
 # -----------------------------------------------------------------------------
 # real image-text pairs
@@ -37,7 +68,7 @@ def transform(img, size, flip=False):
     """PIL image -> float (3, size, size) in [-1, 1], as the LaVi-Bridge release (torchvision): resize the
     shorter side to size (BILINEAR, PIL's anti-aliased filter; long side int(size * long / short)),
     center crop (offset round((L - size) / 2)), optional horizontal flip."""
-    img = img.convert("RGB")
+    img = to_rgb(img)
     w, h = img.size
     nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     if (nw, nh) != (w, h):
@@ -71,13 +102,16 @@ class ImageTextDataset:
     """Image-caption pairs, indexed once: a TSV "path<TAB>caption" (paths relative to the TSV's folder), a
     folder of image + .txt pairs (same stem, searched recursively), or WebDataset-style plain .tar shards (a
     list, a glob, or "shard-{000..009}.tar"; image and .txt share a key). load(i, flip) decodes item i.
-    A TSV line without a TAB or an unreadable caption file (bad_line) and a missing image or caption
-    (missing) are found while indexing (index_counts); an image that does not decode, when it is loaded."""
+    Skipped while indexing and counted (index_counts): a TSV line without a TAB, not UTF-8, or a caption
+    file that cannot be read (bad_line); a TSV line of more than two fields (extra_fields: which is the
+    caption?); a missing image or caption (missing); a shard that does not read (unreadable). An empty
+    caption is kept and counted (empty_captions). An image that does not decode is found when loaded."""
 
     def __init__(self, source, size=512, flip=True):
         self.source, self.size, self.flip = source, size, flip
-        self.index_counts = {"bad_line": 0, "missing": 0, "unreadable": 0}  # found while indexing
+        self.index_counts = {"bad_line": 0, "extra_fields": 0, "missing": 0, "unreadable": 0}
         self.examples = {k: [] for k in self.index_counts}  # a few of each, for the report
+        self.empty_captions = 0
         self.items = self._build_index(source)  # [(path, offset or None, nbytes or None, caption, name)]
         if not self.items:
             raise BadInput(f"no usable image-text pair in {source!r}: " + self._problems())
@@ -108,21 +142,30 @@ class ImageTextDataset:
         if not os.path.isfile(path):
             raise MissingInput(f"caption file not found: {path}")
         root, items = os.path.dirname(os.path.abspath(path)), []
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue  # blank lines are layout, not data
-                rel, tab, cap = line.partition("\t")
-                if not tab or not rel.strip():
-                    self._bad("bad_line", f"{path}:{n}: {line[:80]!r}")
-                    continue
-                p = os.path.join(root, rel.strip())
-                if not os.path.isfile(p):
-                    self._bad("missing", f"{path}:{n}: {p}")
-                    continue
-                items.append((p, None, None, cap.strip(), p))
+        for n, line in text_lines(path):
+            if line is None:
+                self._bad("bad_line", f"{path}:{n}: not UTF-8")
+                continue
+            if not line.strip():
+                continue  # blank lines are layout, not data
+            fields = line.split("\t")
+            if len(fields) > 2:
+                self._bad("extra_fields", f"{path}:{n}: {len(fields)} fields")
+                continue
+            if len(fields) < 2 or not fields[0].strip():
+                self._bad("bad_line", f"{path}:{n}: {line[:80]!r}")
+                continue
+            p = os.path.join(root, fields[0].strip())
+            if not os.path.isfile(p):
+                self._bad("missing", f"{path}:{n}: {p}")
+                continue
+            items.append((p, None, None, self._caption(fields[1]), p))
         return items
+
+    def _caption(self, text):
+        text = text.strip()
+        self.empty_captions += not text
+        return text
 
     def _pair(self, groups, read_caption, where):
         """groups: {key: {ext: handle}} -> items; counts missing halves and unreadable captions."""
@@ -136,11 +179,11 @@ class ImageTextDataset:
                 self._bad("missing", f"{where}: {key} has no {'image' if not imgs else 'caption (.txt)'}")
                 continue
             try:
-                cap = read_caption(g[".txt"]).decode("utf-8").strip()
+                cap = read_caption(g[".txt"]).decode("utf-8-sig")
             except (OSError, UnicodeDecodeError) as e:
                 self._bad("bad_line", f"{where}: {key}.txt: {e}")
                 continue
-            items.append(g[sorted(imgs)[0]] + (cap, f"{where}:{key}"))
+            items.append(g[sorted(imgs)[0]] + (self._caption(cap), f"{where}:{key}"))
         return items
 
     def _index_folder(self, folder):
@@ -191,11 +234,13 @@ class ImageTextDataset:
     def _problems(self):
         parts = [f"{k} {v}" for k, v in self.index_counts.items()]
         ex = [e for k in self.examples for e in self.examples[k][:2]]
-        return ", ".join(parts) + (" (e.g. " + "; ".join(ex) + ")" if ex else "")
+        return "skipped " + ", ".join(parts) + (" (e.g. " + "; ".join(ex) + ")" if ex else "")
 
     def report(self):
-        """One line: the source, its usable pairs, and what indexing skipped, with a few examples."""
-        return f"ImageTextDataset {self.source!r}: {len(self.items)} usable pairs; {self._problems()}"
+        """One line: the source, its usable pairs, what indexing skipped (with a few examples), and how many
+        pairs have an empty caption."""
+        return (f"ImageTextDataset {self.source!r}: {len(self.items)} usable pairs "
+                f"({self.empty_captions} with an empty caption); {self._problems()}")
 
     # --- loading
 
@@ -210,8 +255,10 @@ class ImageTextDataset:
                 with open(path, "rb") as f:
                     f.seek(offset)
                     img = Image.open(io.BytesIO(f.read(nbytes)))
+            if img.size[0] * img.size[1] > MAX_PIXELS:  # from the header: nothing decoded yet
+                raise ValueError(f"{img.size[0]}x{img.size[1]} pixels, above the limit of {MAX_PIXELS}")
             img.load()  # decode now: truncated and corrupt files fail here, not later
-            img = img.convert("RGB")
+            img = to_rgb(img)
         except DECODE_ERRORS as e:
             warnings.warn(f"skipping unreadable image {name}: {type(e).__name__}: {e}")
             return None
@@ -223,8 +270,10 @@ class ImageTextDataset:
 
 
 class IndexedImages(torch.utils.data.Dataset):
-    """Global sample index g -> (image (3, H, W), caption, g), or None when the image does not decode.
-    g walks epochs of a seeded permutation (epoch g // N); the flip is seeded by g."""
+    """Global sample index g -> (image (3, H, W), caption, g, [items that did not decode]). g walks epochs of
+    a seeded permutation (epoch g // N); the flip is seeded by g. An item that does not decode is replaced by
+    the next one of the permutation that does (a function of g alone, so any world size, worker count or
+    resume point draws the same); image None: no item of the dataset decodes."""
 
     def __init__(self, ds, seed):
         self.ds, self.seed, self._perm = ds, seed, (None, None)
@@ -240,10 +289,21 @@ class IndexedImages(torch.utils.data.Dataset):
         flip = bool(self.ds.flip and np.random.default_rng([self.seed, g, 1]).random() < 0.5)
         return int(self._perm[1][pos]), flip
 
+    def candidates(self, g):
+        """(item, flip) of g, then of the items after it in its epoch's permutation, wrapping round: lazily."""
+        _, flip = self.position(g)
+        perm, n, pos = self._perm[1], len(self.ds.items), g % len(self.ds.items)
+        for k in range(n):
+            yield int(perm[(pos + k) % n]), flip
+
     def __getitem__(self, g):
-        i, flip = self.position(g)
-        out = self.ds.load(i, flip)
-        return None if out is None else (out[0], out[1], g)
+        bad = []
+        for i, flip in self.candidates(g):
+            out = self.ds.load(i, flip)
+            if out is not None:
+                return out[0], out[1], g, bad
+            bad.append(i)
+        return None, None, g, bad
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -262,15 +322,15 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 def collate(items):
-    """[(image (3, H, W), caption, g) or None] -> (images (B, 3, H, W) or None, captions, gs, how many were
-    None): unreadable images are dropped here and counted by the caller."""
-    ok = [x for x in items if x is not None]
-    if not ok:
-        return None, [], [], len(items)
-    sizes = {tuple(x[0].shape) for x in ok}
+    """[IndexedImages items] -> (images (B, 3, H, W) or None when no item decodes, captions, gs, [the items
+    that did not decode, one per failed draw])."""
+    bad = [i for x in items for i in x[3]]
+    if any(x[0] is None for x in items):
+        return None, [], [], bad
+    sizes = {tuple(x[0].shape) for x in items}
     if len(sizes) != 1:
         raise BadInput(f"cannot batch images of different shapes: {sorted(sizes)}")
-    return torch.stack([x[0] for x in ok]), [x[1] for x in ok], [x[2] for x in ok], len(items) - len(ok)
+    return torch.stack([x[0] for x in items]), [x[1] for x in items], [x[2] for x in items], bad
 
 
 # -----------------------------------------------------------------------------
@@ -364,19 +424,23 @@ class Batches:
             return images[s], None, captions[s], list(range(lo, lo + self.bs))
         if self.cache is not None:
             mean, std, valid = self.cache
-            pos = [self.indexed.position(g) + (g,) for g in range(lo, lo + self.bs)]
-            keep = [(i, f, g) for i, f, g in pos if valid[i]]
-            self._count(len(keep), [i for i, _, _ in pos if not valid[i]])
-            if not keep:
-                raise BadInput(f"every image of rank {self.rank}'s batch at step {step} is unreadable")
-            i, f = torch.tensor([k[0] for k in keep]), torch.tensor([int(k[1]) for k in keep])
+            if not valid.any():
+                raise BadInput(f"no image of {self.source!r} decodes (its latent cache marks every one)")
+            picks, bad = [], []
+            for g in range(lo, lo + self.bs):  # as IndexedImages: the next valid item of the permutation
+                for i, flip in self.indexed.candidates(g):
+                    if valid[i]:
+                        picks.append((i, flip))
+                        break
+                    bad.append(i)
+            self._count(len(picks), bad)
+            i, f = torch.tensor([p[0] for p in picks]), torch.tensor([int(p[1]) for p in picks])
             post = (mean[i, f].float(), std[i, f].float())  # (b, C, h, w)
-            return None, post, [self.ds.items[k[0]][3] for k in keep], [k[2] for k in keep]
-        images, captions, gs, _ = next(self.loader)
-        got = set(gs)
-        self._count(len(gs), [self.indexed.position(g)[0] for g in range(lo, lo + self.bs) if g not in got])
+            return None, post, [self.ds.items[p[0]][3] for p in picks], list(range(lo, lo + self.bs))
+        images, captions, gs, bad = next(self.loader)
         if images is None:
-            raise BadInput(f"every image of rank {self.rank}'s batch at step {step} is unreadable")
+            raise BadInput(f"no image of {self.source!r} decodes ({len(set(bad))} tried)")
+        self._count(len(gs), bad)
         return images, None, captions, gs
 
     def _count(self, used, bad_items):
@@ -389,8 +453,9 @@ class Batches:
         if self.source == "shapes":
             return ""
         rank = f" (rank {self.rank} of {self.world})" if self.world > 1 else ""
-        return (f"{self.ds.report()}; in training: loaded ok {self.used}, skipped in training: "
-                f"{self.skipped} unreadable draws ({len(self.unreadable)} distinct images){rank}")
+        return (f"{self.ds.report()}; in training: {self.used} images loaded, {self.skipped} draws of an "
+                f"image that does not decode ({len(self.unreadable)} distinct), each replaced by the next "
+                f"readable one{rank}")
 
 
 # -----------------------------------------------------------------------------

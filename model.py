@@ -5,6 +5,7 @@ Read top to bottom: the text encoders and their recipes (one table), the vision 
 bridge is built from a BridgeConfig, and its checkpoint (what it trains, and how it is rebuilt from that).
 """
 import json
+import math
 import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -21,8 +22,8 @@ from dit import DiT
 from ldmbert import LDMBert
 from lora import (LORA_TARGETS, export_release_list, import_release_list, inject, load_lora,
                   load_release_file, lora_state_dict, merge_lora, unwrap_lora)
-from model_io import (BadInput, MissingInput, hub_folder, load_strict, optimizer_state, optimizer_tensors,
-                      read_safetensors, save_safetensors)
+from model_io import (BadInput, MissingInput, check_finite, hub_folder, load_strict, optimizer_state,
+                      optimizer_tensors, read_safetensors, read_safetensors_metadata, save_safetensors)
 from schedulers import DDPM, PIXART_SCHEDULER, SD_SCHEDULER, make
 from unet import UNet, VAE
 
@@ -379,6 +380,11 @@ class Bridge(nn.Module):
         self.sampling = SHAPES_SAMPLING if is_shapes(cfg.vision) else Sampling()
 
     @property
+    def size_factor(self):
+        """Image sizes must be multiples of this: the VAE's factor, times the DiT's patch."""
+        return self.vae.downscale * (self.denoiser.cfg.patch_size if self.kind == "dit" else 1)
+
+    @property
     def latent_channels(self):
         return self.denoiser.cfg.in_channels
 
@@ -444,14 +450,24 @@ class Bridge(nn.Module):
         recipe = self.sampling.but(scheduler, steps, guidance, prompt_suffix)
         steps, guidance = recipe.steps, recipe.guidance
         prompts = [p + recipe.prompt_suffix for p in prompts]
+        if not prompts:
+            raise BadInput("no prompt to sample")
+        if not math.isfinite(guidance):
+            raise BadInput(f"guidance {guidance}: must be a finite number")
         B = len(prompts)
         dev = next(self.denoiser.parameters()).device
         dtype = next(self.denoiser.parameters()).dtype
         f = self.vae.downscale
         height = height or self.denoiser.cfg.sample_size * f
         width = width or self.denoiser.cfg.sample_size * f
+        if height % self.size_factor or width % self.size_factor or min(height, width) <= 0:
+            raise BadInput(f"image size {height}x{width}: height and width must be positive multiples of "
+                           f"{self.size_factor} for this model")
         ctx, mask = self.encode_text(prompts)
         nctx, nmask = self.encode_text([negative_prompt] * B)
+        if not (torch.isfinite(ctx).all() and torch.isfinite(nctx).all()):
+            raise BadInput("the text features are not finite (NaN or inf): the language model or the adapter "
+                           "gives them")
         ctx2 = torch.cat([nctx, ctx]).to(dtype)  # (2B, T, D): [uncond, cond] as the official code
         mask2 = None if mask is None else torch.cat([nmask, mask])
         # the initial noise exactly as diffusers draws it: float32 on a seeded CPU generator, then moved
@@ -460,12 +476,16 @@ class Bridge(nn.Module):
         x = x.to(dev, dtype)
         sched = make(recipe.scheduler, {**self.scheduler_config, **dict(recipe.scheduler_overrides)})
         ts, prev = sched.timesteps(steps).tolist(), sched.prev_timesteps(steps).tolist()
-        for t, t_prev in zip(tqdm(ts, desc="sampling", disable=not progress, leave=False), prev):
+        bar = tqdm(ts, desc="sampling", disable=not progress, leave=False)
+        for i, (t, t_prev) in enumerate(zip(bar, prev)):
             tt = torch.full((2 * B,), t, device=dev, dtype=torch.long)
             out = self.denoise(torch.cat([x, x]), tt, ctx2, mask2)  # (2B, C, h, w)
             uncond, cond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)
             x = sched.step(out, x, t, t_prev, generator=g)
+            if not torch.isfinite(x).all():  # one host sync a step: far below the cost of the step
+                raise BadInput(f"the latents became non-finite (NaN or inf) at step {i + 1} (t={t}) of "
+                               f"{len(ts)}: the vision model's weights, its dtype or the guidance")
         img = self.vae.decode(x / self.vae.cfg.scaling_factor).float()
         img = (img / 2 + 0.5).clamp(0, 1)
         return (img.permute(0, 2, 3, 1) * 255).to(torch.uint8).cpu()  # truncation, as the official code
@@ -609,14 +629,21 @@ def init_trainable(bridge, sd):
 RELEASE_FILES = ("adapter", "lora_vis.pt", "lora_text.pt")
 
 
+def check_release_files(folder):
+    """A LaVi-Bridge release folder has adapter/, lora_vis.pt and lora_text.pt."""
+    missing = [n for n in RELEASE_FILES if not os.path.exists(os.path.join(folder, n))]
+    if missing:
+        raise MissingInput(f"{folder} is not a LaVi-Bridge release folder: missing {', '.join(missing)}")
+
+
 def read_release(folder):
     """(vision LoRA list, LM LoRA list, their rank) of a LaVi-Bridge release folder (adapter/, lora_vis.pt,
     lora_text.pt: flat lists [up_0, down_0, ...] in the release's module-walk order), checked before any model
     is loaded: the files are there, and every LoRA pair has the one rank."""
-    missing = [n for n in RELEASE_FILES if not os.path.exists(os.path.join(folder, n))]
-    if missing:
-        raise MissingInput(f"{folder} is not a LaVi-Bridge release folder: missing {', '.join(missing)}")
+    check_release_files(folder)
     lists = [load_release_file(os.path.join(folder, n)) for n in RELEASE_FILES[1:]]
+    for name, lst in zip(RELEASE_FILES[1:], lists):
+        check_finite({f"item {i}": t for i, t in enumerate(lst)}, os.path.join(folder, name))
     ranks = {up.shape[1] for lst in lists for up in lst[::2] if up.dim() >= 2}
     if len(ranks) > 1:
         raise BadInput(f"{folder}: its LoRA lists mix ranks {sorted(ranks)}")
@@ -627,6 +654,7 @@ def load_release(bridge, folder, lists=None):
     """Load a release folder's adapter and LoRA lists (read_release's, or read here) into a built bridge."""
     vis_list, text_list, _ = lists or read_release(folder)
     adapter = TextAdapter.from_pretrained(os.path.join(folder, "adapter"))
+    check_finite(adapter.state_dict(), os.path.join(folder, "adapter"))
     mine = bridge.adapter
     if mine is None or (adapter.in_dim, adapter.out_dim) != (mine.in_dim, mine.out_dim):
         raise BadInput(f"the release adapter maps {adapter.in_dim} -> {adapter.out_dim}, but this LM gives "
@@ -678,12 +706,22 @@ def read_checkpoint(path):
     if "bridge" not in meta:
         raise BadInput(f"{path} is not a bridge checkpoint written by train.py (no 'bridge' metadata)")
     weights = {k: v for k, v in tensors.items() if not k.startswith("optim.")}  # ema.* included
+    check_finite(weights, path)
     optim = None
     if "optim_groups" in meta:
         optim = optimizer_state({k: v for k, v in tensors.items() if k.startswith("optim.")},
                                 json.loads(meta["optim_groups"]))
     cfg = BridgeConfig(**json.loads(meta["bridge"]))
     return weights, optim, cfg, int(meta["step"]), json.loads(meta["train_args"])
+
+
+def checkpoint_config(path):
+    """(BridgeConfig, step) of a checkpoint from its header alone: the check before anything loads."""
+    meta = read_safetensors_metadata(path, "checkpoint")
+    try:
+        return BridgeConfig(**json.loads(meta["bridge"])), int(meta["step"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadInput(f"{path} is not a bridge checkpoint written by train.py (metadata: {e!r})") from None
 
 
 def read_log(path):
@@ -729,5 +767,5 @@ def device_and_dtype(device=None, dtype="fp32"):
     only there (a CPU emulates them, hundreds of times slower)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype in ("bf16", "fp16") and device.type != "cuda":
-        raise SystemExit(f"--dtype {dtype} is for CUDA; on {device.type} use --dtype fp32")
+        raise BadInput(f"--dtype {dtype} is for CUDA; on {device.type} use --dtype fp32")
     return device, DTYPES[dtype]

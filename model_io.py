@@ -7,9 +7,12 @@ write safetensors atomically, and resolve a Hugging Face hub name to a local fol
 The per-layout key maps themselves live beside their models (unet.py, dit.py): pure functions
 (key, tensor) -> [(key, tensor)] that apply_key_map runs over a state dict.
 """
+import argparse
 import importlib
 import json
 import os
+import sys
+import tempfile
 from dataclasses import fields
 
 import torch
@@ -24,13 +27,38 @@ class MissingInput(BadInput, FileNotFoundError):
     """A file or folder that is not there."""
 
 
+USAGE_ERROR = 2  # the exit status of bad input, as argparse's
+
+
 def run_cli(main, args):
     """main(args) for a command line: bad input (ours, or an OSError such as a model folder transformers
-    cannot read) ends as one line on stderr with exit status 1; anything else is a bug, with its traceback."""
+    cannot read) ends as "error: ..." on stderr with exit status 2, Ctrl-C as "interrupted" with 130;
+    anything else is a bug, with its traceback."""
     try:
         return main(args)
     except (BadInput, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def parse_bool(s):
+    """A command-line boolean: true/false, 1/0, yes/no, on/off (any case); anything else is an error."""
+    v = {"true": True, "1": True, "yes": True, "on": True,
+         "false": False, "0": False, "no": False, "off": False}.get(str(s).strip().lower())
+    if v is None:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a boolean (true/false, 1/0, yes/no, on/off)")
+    return v
+
+
+def check_finite(tensors, what):
+    """Raise naming the tensors of {name: tensor} that hold NaN or inf (floating tensors only)."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f", ... ({len(bad)} in all)" if len(bad) > 5 else ""
+        raise BadInput(f"{what}: non-finite values (NaN or inf) in {', '.join(bad[:5])}{more}")
 
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
@@ -76,6 +104,31 @@ def read_safetensors(path, what="file"):
     try:
         with safe_open(path, "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:
+        raise BadInput(f"cannot read {what} {path} (truncated or corrupt?): {e}") from None
+
+
+def writable(folder):
+    """Whether a file can be made in folder (or in the nearest existing folder above it, where it would be
+    made): tried, as permissions alone do not say it (root, read-only mounts, /proc)."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def read_safetensors_metadata(path, what="file"):
+    """The {str: str} metadata of a safetensors file from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise MissingInput(f"{what} not found: {path}")
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
     except Exception as e:
         raise BadInput(f"cannot read {what} {path} (truncated or corrupt?): {e}") from None
 

@@ -9,14 +9,16 @@ python sample.py --eval     # ... and its attribute accuracy on held-out caption
 python sample.py --bridge lavi/t5_unet --lm t5-large --vision sd14 --prompt "a cat on a sofa" --out cat.png
 """
 import argparse
+import math
 import os
 
 from PIL import Image
 
 import cpu
 import shapes
-from model import DTYPES, device_and_dtype, is_shapes, load_bridge, native_bridge
-from model_io import run_cli
+from model import (DTYPES, check_release_files, checkpoint_config, device_and_dtype, is_shapes, load_bridge,
+                   native_bridge)
+from model_io import BadInput, MissingInput, run_cli, writable
 from schedulers import SCHEDULERS
 
 
@@ -65,15 +67,56 @@ def get_parser():
     return p
 
 
-def main(args):
-    device, dtype = device_and_dtype(args.device, args.dtype)
-    if os.path.isdir(args.bridge) and not (args.lm and args.vision):
-        raise SystemExit("a release folder does not say which models it bridges: pass --lm and --vision")
-    if not os.path.exists(args.bridge):
+IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")  # --out with one of these is an image file, else a folder
+
+
+def check_args(args):
+    """Every flag and path, before anything loads (one BadInput); returns where the images go."""
+    for flag, v in (("--steps", args.steps), ("--n", args.n), ("--eval-n", args.eval_n)):
+        if v is not None and v < 1:
+            raise BadInput(f"{flag} {v}: must be >= 1")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise BadInput(f"--guidance {args.guidance}: must be a finite number")
+    for flag, v in (("--height", args.height), ("--width", args.width)):
+        if v is not None and not (8 <= v <= 4096 and v % 8 == 0):
+            raise BadInput(f"{flag} {v}: must be a multiple of 8 from 8 to 4096")
+    if args.prompt is not None and not [p for p in args.prompt if p.strip()]:
+        raise BadInput("--prompt: an empty prompt (leave --prompt out for the default ones)")
+    if os.path.isdir(args.bridge):
+        if not (args.lm and args.vision):
+            raise BadInput("a release folder does not say which models it bridges: pass --lm and --vision")
+        check_release_files(args.bridge)
+        vision = args.vision
+    elif os.path.exists(args.bridge):
+        vision = args.vision or checkpoint_config(args.bridge)[0].vision
+    else:
         hint = " (train one first: python train.py)" if args.bridge.startswith("out/shapes") else ""
-        raise SystemExit(f"no bridge at {args.bridge}{hint}")
+        raise MissingInput(f"no bridge at {args.bridge}{hint}")
+    if args.eval:
+        if not is_shapes(vision):
+            raise BadInput("--eval measures the shapes world; this bridge is not one")
+        unknown = [s for s in args.eval_sets.split(",") if s not in shapes.EVAL_SETS]
+        if unknown:
+            raise BadInput(f"--eval-sets: unknown {', '.join(unknown)} (choose from "
+                           f"{', '.join(shapes.EVAL_SETS)})")
+    out = args.out or "samples"
+    if not args.out and is_shapes(vision):
+        out = os.path.join(os.path.dirname(args.bridge), "grid.png")
+    ext = os.path.splitext(out)[1].lower()
+    if ext and ext not in IMAGE_TYPES:
+        raise BadInput(f"--out {out}: an image file ({', '.join(IMAGE_TYPES)}) or a folder (no extension)")
+    if os.path.exists(out) and os.path.isdir(out) == bool(ext):
+        raise BadInput(f"--out {out} exists and is a {'folder' if ext else 'file'}")
+    if not writable(os.path.dirname(os.path.abspath(out)) if ext else out):
+        raise BadInput(f"--out {out}: cannot write there")
+    return out
+
+
+def main(args):
+    out = check_args(args)
+    device, dtype = device_and_dtype(args.device, args.dtype)
     if args.lm_dtype in ("bf16", "fp16") and device.type != "cuda":
-        raise SystemExit(f"--lm-dtype {args.lm_dtype} is for CUDA; on {device.type} the LM computes in fp32")
+        raise BadInput(f"--lm-dtype {args.lm_dtype} is for CUDA; on {device.type} the LM computes in fp32")
     bridge = load_bridge(args.bridge, dtype=dtype, device=device, merge=True, lm=args.lm, vision=args.vision,
                          lora_rank=args.lora_rank, lm_dtype=DTYPES[args.lm_dtype] if args.lm_dtype else None)
     if device.type == "cpu":
@@ -89,12 +132,12 @@ def main(args):
     imgs = bridge.sample(prompts, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                          seed=args.seed)
     imgs = imgs.numpy()
-    out = args.out or (os.path.join(os.path.dirname(args.bridge), "grid.png") if world else "samples")
-    if len(imgs) == 1 and out.endswith(".png"):
+    if out.lower().endswith(IMAGE_TYPES):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        Image.fromarray(imgs[0]).save(out)
-    elif out.endswith(".png"):
-        shapes.save_grid(imgs, out, captions=prompts)
+        if len(imgs) == 1:
+            Image.fromarray(imgs[0]).save(out)
+        else:
+            shapes.save_grid(imgs, out, captions=prompts)
     else:
         os.makedirs(out, exist_ok=True)
         for i, im in enumerate(imgs):
@@ -102,8 +145,6 @@ def main(args):
         shapes.save_grid(imgs, os.path.join(out, "grid.png"), captions=prompts)
     print(f"wrote {len(imgs)} image(s) to {out}")
     if args.eval:
-        if not world:
-            raise SystemExit("--eval measures the shapes world; this bridge is not one")
         sampling = dict(n=args.eval_n, sets=tuple(args.eval_sets.split(",")), steps=r.steps,
                         guidance=r.guidance, scheduler=r.scheduler)
         base = native_bridge(bridge.cfg.vision, device=device)

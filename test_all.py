@@ -2261,9 +2261,9 @@ def png_bytes(w, h, seed):
 
 def one_epoch(ds, seed=0):
     """One epoch of a run's order (global sample indices 0..N-1 through data.IndexedImages): [(image,
-    caption)] of the items that decode."""
+    caption)] of the items that decode (the draws that needed no replacement)."""
     idx = data.IndexedImages(ds, seed)
-    return [(x[0], x[1]) for x in (idx[g] for g in range(len(ds.items))) if x is not None]
+    return [(x[0], x[1]) for x in (idx[g] for g in range(len(ds.items))) if not x[3]]
 
 
 def batches(source, size, batch_size, rank=0, world=1, num_workers=0, **kw):
@@ -2288,7 +2288,7 @@ def tsv_with_bad_items(tmp_path):
 
 
 def test_tsv_counts_and_skips_bad_items(tsv_with_bad_items):
-    with pytest.warns(UserWarning, match="bad_line 1, missing 1"):
+    with pytest.warns(UserWarning, match="bad_line 1, extra_fields 0, missing 1"):
         ds = data.ImageTextDataset(str(tsv_with_bad_items), size=16, flip=False)
     assert len(ds.items) == 9  # 8 good + the corrupt one (found only when decoded)
     with pytest.warns(UserWarning, match="unreadable image"):
@@ -2300,20 +2300,26 @@ def test_tsv_counts_and_skips_bad_items(tsv_with_bad_items):
     img0 = dict((c, x) for x, c in items)["caption 0"]
     ref = data.transform(Image.open(tsv_with_bad_items.parent / "img" / "0.png"), 16)
     assert torch.equal(img0, ref)
-    # one epoch of training batches (3 x 3): the report gives the true counts of what was loaded and skipped
+    # one epoch of training batches (3 x 3): full batches, the corrupt image's draw replaced by the next
+    # readable item of the order; the report gives the true counts of what was loaded and replaced
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         b = batches(tsv_with_bad_items, 16, 3)
         caps = [c for step in range(3) for c in b.next(step, 0)[2]]
-    assert sorted(caps) == [f"caption {i}" for i in range(8)]
+    assert len(caps) == 9 and sorted(set(caps)) == [f"caption {i}" for i in range(8)]
+    idx = data.IndexedImages(ds, seed=0)
+    g = next(g for g in range(9) if ds.items[idx.position(g)[0]][3] == "caption corrupt")
+    after = ds.items[next(i for i, _ in idx.candidates(g) if i != idx.position(g)[0])][3]
+    assert caps[g] == after and caps.count(after) == 2
     rep = b.report()
     assert "bad_line 1" in rep and "missing 1" in rep and "missing.png" in rep
-    assert "loaded ok 8, skipped in training: 1 unreadable draws (1 distinct images)" in rep, rep
+    assert ("9 images loaded, 1 draws of an image that does not decode (1 distinct), each replaced by the "
+            "next readable one") in rep, rep
 
 
 def test_tsv_without_usable_line(tmp_path):
     (tmp_path / "bad.tsv").write_text("no tab on this line\nmissing.png\ta caption\n")
-    with pytest.raises(ValueError, match="no usable image-text pair.*bad_line 1, missing 1"):
+    with pytest.raises(ValueError, match="no usable image-text pair.*bad_line 1, extra_fields 0, missing 1"):
         data.ImageTextDataset(str(tmp_path / "bad.tsv"), size=16)
     with pytest.raises(FileNotFoundError):
         data.ImageTextDataset(str(tmp_path / "nope.tsv"), size=16)
@@ -2322,7 +2328,7 @@ def test_tsv_without_usable_line(tmp_path):
     (tmp_path / "corrupt.tsv").write_text("c.png\tcaption\n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(model_io.BadInput, match="unreadable"):
+        with pytest.raises(model_io.BadInput, match="no image of .* decodes"):
             batches(tmp_path / "corrupt.tsv", 16, 2).next(0, 0)
 
 
@@ -2357,7 +2363,7 @@ def test_folder_dataset(tmp_path):
         ds = data.ImageTextDataset(str(tmp_path), size=8)
     caps = sorted(c for _, c in one_epoch(ds))
     assert caps == sorted([f"folder caption {i}" for i in range(5)] + ["nested"])
-    assert ds.index_counts == {"bad_line": 0, "missing": 2, "unreadable": 0}
+    assert ds.index_counts == {"bad_line": 0, "extra_fields": 0, "missing": 2, "unreadable": 0}
 
 
 def write_shards(tmp_path, n_shards=2, per_shard=5):
@@ -2384,7 +2390,8 @@ def test_tar_shards(tmp_path):
         ds = data.ImageTextDataset(source, size=8)
         items = one_epoch(ds)
         assert sorted(c for _, c in items) == want
-        assert ds.index_counts == {"bad_line": 0, "missing": 0, "unreadable": 0} and len(items) == 10
+        assert ds.index_counts == {"bad_line": 0, "extra_fields": 0, "missing": 0, "unreadable": 0}
+        assert len(items) == 10
     ref = data.transform(Image.open(io.BytesIO(png_bytes(12, 10, 13))), 8)
     ds = data.ImageTextDataset(names[1], size=8, flip=False)
     assert torch.equal(dict((c, x) for x, c in one_epoch(ds))["tar caption 1 3"], ref)
@@ -2404,8 +2411,10 @@ def test_sharding_covers_everything_once(tsv_with_bad_items):
             b = batches(tsv_with_bad_items, 8, 3, rank=r, world=3, num_workers=2 if r == 1 else 0)
             got.append(b.next(0, 0)[2])
             ranks.append(b)
-        assert sorted(c for caps in got for c in caps) == want  # each good item once, none twice
-        assert sum(b.used for b in ranks) == 8 and sum(b.skipped for b in ranks) == 1
+        # each good item once, and the corrupt one's draw replaced by another good one
+        caps = sorted(c for caps in got for c in caps)
+        assert len(caps) == 9 and sorted(set(caps)) == want
+        assert sum(b.used for b in ranks) == 9 and sum(b.skipped for b in ranks) == 1
         # endless: the next epoch is a new order of the same items
         ds = data.ImageTextDataset(str(tsv_with_bad_items), size=8)
         idx = data.IndexedImages(ds, seed=0)
@@ -2414,11 +2423,11 @@ def test_sharding_covers_everything_once(tsv_with_bad_items):
 
 
 def test_collate():
-    x, c, g, bad = data.collate([(torch.zeros(3, 4, 4), "a", 0), None, (torch.ones(3, 4, 4), "b", 2)])
-    assert x.shape == (2, 3, 4, 4) and c == ["a", "b"] and g == [0, 2] and bad == 1 and x[1].eq(1).all()
-    assert data.collate([None, None]) == (None, [], [], 2)
+    x, c, g, bad = data.collate([(torch.zeros(3, 4, 4), "a", 0, []), (torch.ones(3, 4, 4), "b", 2, [5, 6])])
+    assert x.shape == (2, 3, 4, 4) and c == ["a", "b"] and g == [0, 2] and bad == [5, 6] and x[1].eq(1).all()
+    assert data.collate([(None, None, 0, [1, 2]), (None, None, 1, [2, 1])]) == (None, [], [], [1, 2, 2, 1])
     with pytest.raises(ValueError, match="different shapes"):
-        data.collate([(torch.zeros(3, 4, 4), "a", 0), (torch.zeros(3, 5, 4), "b", 1)])
+        data.collate([(torch.zeros(3, 4, 4), "a", 0, []), (torch.zeros(3, 5, 4), "b", 1, [])])
 
 
 # ==================================================================================================
@@ -2793,8 +2802,8 @@ def test_sample_matches_official_recipe(world, tmp_path, combo):
     print(f"{combo}: relative errors " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     assert all(v < 1e-5 for v in errs.values()), errs
     t0 = time.perf_counter()
-    img = bridge.sample([PROMPT], steps=STEPS, guidance=GUIDANCE, seed=seed, scheduler="ddim", prompt_suffix="",
-                        progress=False)[0].numpy()
+    img = bridge.sample([PROMPT], steps=STEPS, guidance=GUIDANCE, seed=seed, scheduler="ddim",
+                        prompt_suffix="", progress=False)[0].numpy()
     t_ours = time.perf_counter() - t0
     assert np.array_equal(img, ours)  # sample.py is this bridge, merged
     print(f"{combo}: sampling time ours {t_ours:.3f} s, reference {t_ref:.3f} s, ratio {t_ours / t_ref:.2f}")
@@ -2936,7 +2945,7 @@ def test_unknown_model_names(world, t5_release, monkeypatch):
         _bad(world, t5_release, lm="no-such-lm")
     with pytest.raises(ValueError, match="unknown --vision 'no-such-vision'"):
         _bad(world, t5_release, vision="no-such-vision")
-    with pytest.raises(SystemExit, match="pass --lm and --vision"):
+    with pytest.raises(model_io.BadInput, match="pass --lm and --vision"):
         run_sample("--bridge", t5_release, "--lm", world["t5"])
 
 
@@ -3061,7 +3070,7 @@ def test_export_release_round_trip(shapes_base, tmp_path, capsys):
     train.main(small_args(shapes_base, out, lm="minilm", lora_lm=True, steps=2, resume=True,
                           export_release=str(rel)))
     assert torch.load(rel / "lora_vis.pt", weights_only=True)[0].shape == vis[0].shape
-    with pytest.raises(SystemExit, match="TextAdapter bridge"):
+    with pytest.raises(model_io.BadInput, match="TextAdapter bridge"):
         train.main(small_args(shapes_base, tmp_path / "g", method="gluenet", export_release=str(rel)))
 
 
@@ -3104,19 +3113,22 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(shapes_base, tmp_path, mo
 
 
 @slow
-def test_sigterm_writes_checkpoint(shapes_base, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_signal_writes_checkpoint_and_exits_nonzero(shapes_base, tmp_path, sig):
+    """SIGTERM / SIGINT (Ctrl-C) while training: a checkpoint at the step reached, the lock released, exit
+    status 143 / 130 (so that `train && sample` does not take the run as finished)."""
     p = subprocess.Popen([sys.executable, "train.py",
                           *cli(shapes_base, tmp_path, "--steps", "100000", "--save-every", "100000")],
                          cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.time()
     while "loss=" not in (p.stdout.readline() if p.poll() is None else "x loss=") and time.time() - t0 < 300:
         pass
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     out = p.communicate(timeout=300)[0]
-    assert p.returncode == 0, out[-2000:]
+    assert p.returncode == 128 + sig, out[-2000:]
     assert "checkpoint written at step" in out
     _, step = ckpt_weights(tmp_path)
-    assert 0 < step < 100000
+    assert 0 < step < 100000 and not os.path.exists(tmp_path / ".lock")
 
 
 def write_images(folder, n, size=40, seed=0):
@@ -3131,32 +3143,33 @@ def write_images(folder, n, size=40, seed=0):
 
 
 def test_bad_data_is_reported_and_training_goes_on(shapes_base, tmp_path, capsys):
+    """A corrupt image, a missing one and a bad line: training goes on with full batches, at batch size 1
+    too (the release's), and the report's counts are the true ones."""
     names = write_images(tmp_path / "img", 6)
     (tmp_path / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     lines = [f"img/{n}\ta red circle on the left" for n in names]
     lines += ["img/missing.png\ta blue square", "img/corrupt.png\ta green triangle", "a line without a tab"]
     (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
-    for workers in (0, 2):  # in this process, and through DataLoader worker processes
+    # in this process at batch 4, and through DataLoader worker processes at batch 1 (one epoch of 7)
+    for workers, bs, steps in ((0, 4, 3), (2, 1, 7)):
         with pytest.warns(UserWarning):
             train.main(small_args(shapes_base, tmp_path / f"out{workers}", data=str(tmp_path / "train.tsv"),
-                                  size=32,
-                                  steps=3, num_workers=workers))
+                                  size=32, steps=steps, batch_size=bs, num_workers=workers))
         out = capsys.readouterr().out
-        assert "bad_line 1" in out and "missing 1" in out and "unreadable" in out
-        # the corrupt image came up
-        assert "skipped in training:" in out and "skipped in training: 0" not in out
-        # the true counts: 3 steps x batch 4 = 12 draws of the 7 indexed items, in the run's order
+        assert "bad_line 1" in out and "missing 1" in out
+        # the true counts: steps x batch draws of the 7 indexed items in the run's order, every corrupt draw
+        # replaced
         ds = data.ImageTextDataset(str(tmp_path / "train.tsv"), size=32)
         order = data.IndexedImages(ds, seed=0)
         corrupt = [i for i, it in enumerate(ds.items) if it[0].endswith("corrupt.png")]
-        skipped = sum(order.position(g)[0] in corrupt for g in range(12))
-        want = (f"loaded ok {12 - skipped}, skipped in training: {skipped} unreadable draws "
-                "(1 distinct images)")
+        skipped = sum(order.position(g)[0] in corrupt for g in range(steps * bs))
+        want = (f"{steps * bs} images loaded, {skipped} draws of an image that does not decode (1 distinct), "
+                f"each replaced by the next readable one")
         assert skipped >= 1 and want in out, out[-500:]
-        assert ckpt_weights(tmp_path / f"out{workers}")[1] == 3
+        assert ckpt_weights(tmp_path / f"out{workers}")[1] == steps
     (tmp_path / "bad.tsv").write_text("no tab here\nimg/missing.png\tcaption\n")
     with pytest.raises(ValueError, match="no usable image-text pair"):
-        train.main(small_args(shapes_base, tmp_path / "out2", data=str(tmp_path / "bad.tsv"), size=32))
+        train.main(small_args(shapes_base, tmp_path / "out_bad", data=str(tmp_path / "bad.tsv"), size=32))
 
 
 @pytest.fixture(scope="module")
@@ -3644,7 +3657,7 @@ def test_gluenet_run_writes_a_bridge_sample_loads(words_base, tmp_path, capsys):
                                 batch_size=8, loss_rec=0.0, loss_adv=0.0))
     _, opt, _, _, _ = model.read_checkpoint(str(tmp_path / "a" / "ckpt.safetensors"))
     assert sorted(opt["state"]) == [i for i, (k, _) in enumerate(params) if k.startswith("encoder.")]
-    with pytest.raises(SystemExit, match="every GlueNet loss is off"):
+    with pytest.raises(model_io.BadInput, match="every GlueNet loss is off"):
         train.main(small_args(words_base, tmp_path / "b", method="gluenet", lm="native", loss_align=0.0,
                               loss_rec=0.0, loss_adv=0.0))
 

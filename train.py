@@ -11,11 +11,14 @@ Methods: lavi (LaVi-Bridge: LoRA in both models + a TextAdapter, on image-text p
 from scratch). They share one set-up, one restore and one training loop, and differ in their step.
 """
 import argparse
+import glob
+import json
 import math
 import os
 import signal
+import socket
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import fields, replace
 from types import SimpleNamespace
 
@@ -33,7 +36,7 @@ from lora import lora_parameters
 from model import (DTYPES, BridgeConfig, build_bridge, device_and_dtype, export_release, init_trainable,
                    is_shapes, load_native_encoder, load_trainable, native_bridge, read_checkpoint, read_log,
                    save_checkpoint, trainable_tensors)
-from model_io import run_cli
+from model_io import BadInput, parse_bool, read_safetensors_metadata, run_cli, writable
 from unet import set_grad_checkpointing
 
 # -----------------------------------------------------------------------------
@@ -46,7 +49,8 @@ DEFAULTS = dict(
     steps=1000, batch_size=1, grad_accum=1, lr_vision=1e-4, lr_lm=5e-6, lr_adapter=1e-4, weight_decay=1e-2,
     warmup=0, grad_clip=1.0, caption_dropout=0.0, ema=0.0,
     dtype="fp32", lm_dtype="", compile=False, grad_checkpointing=False, cpu_layout=False, device="", seed=0,
-    out="out/bridge", resume=False, init_from="", export_release="", log_every=10, save_every=500,
+    out="out/bridge", resume=False, overwrite=False, init_from="", export_release="", log_every=10,
+    save_every=500,
     sample_every=0,
     sample_prompts="a photo of a cat|a red car in the snow", eval=False, eval_n=48,
     eval_sets="seen,unseen,paraphrase",
@@ -100,9 +104,117 @@ def resolve_args(args):
     return argparse.Namespace(**{**DEFAULTS, **p, **given, "preset": preset})
 
 
+def resume_mode(s):
+    """--resume: a boolean, or "force"."""
+    return "force" if str(s).strip().lower() == "force" else parse_bool(s)
+
+
+# the ranges check_args enforces: flag -> (lowest, highest or None)
+INT_RANGES = dict(steps=(1, None), batch_size=(1, None), grad_accum=(1, None), log_every=(1, None),
+                  save_every=(1, None), sample_every=(0, None), eval_n=(1, None), num_workers=(0, None),
+                  warmup=(0, None), lora_rank=(0, None), max_length=(0, None), adapter_mid=(0, None),
+                  glue_depth=(1, None), glue_mult=(1, None), size=(8, 4096))
+FLOAT_RANGES = dict(lr_vision=(0, None), lr_lm=(0, None), lr_adapter=(0, None), weight_decay=(0, None),
+                    grad_clip=(0, None), loss_align=(0, None), loss_rec=(0, None), loss_adv=(0, None),
+                    adv_lambda=(0, None), src_div=(1e-12, None), ema=(0, 0.999999), adapter_dropout=(0, 0.99),
+                    lora_dropout=(0, 0.99), caption_dropout=(0, 1))
+# what a resumed run must share with its checkpoint (else --resume force)
+SAME_ON_RESUME = ("method", "lm", "vision", "adapter", "adapter_mid", "lora_rank", "lora_lm", "lora_vision",
+                  "max_length", "glue_depth", "glue_mult", "native")
+
+
+def check_args(args):
+    """Every flag's range and every path a run reads or writes, before anything loads: one BadInput."""
+    for k, (lo, hi) in {**INT_RANGES, **FLOAT_RANGES}.items():
+        v = getattr(args, k)
+        if not (math.isfinite(v) and v >= lo and (hi is None or v <= hi)):
+            bound = f"from {lo:g} to {hi:g}" if hi is not None else f">= {lo:g}"
+            raise BadInput(f"--{k.replace('_', '-')} {v}: must be {bound}")
+    if args.size % 8:
+        raise BadInput(f"--size {args.size}: must be a multiple of 8 (the VAE's factor)")
+    if args.eval:
+        unknown = [s for s in eval_sets(args) if s not in shapes.EVAL_SETS]
+        if unknown or not eval_sets(args):
+            raise BadInput(f"--eval-sets {args.eval_sets!r}: choose from {', '.join(shapes.EVAL_SETS)}")
+    if not [p for p in args.sample_prompts.split("|") if p.strip()]:
+        raise BadInput("--sample-prompts: give at least one prompt (|-separated)")
+    if args.init_from:
+        read_safetensors_metadata(args.init_from, "--init-from checkpoint")
+    for flag, path in (("--out", args.out), ("--export-release", args.export_release),
+                       ("--latent-cache", args.latent_cache)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise BadInput(f"{flag} {path} is a file: give a folder")
+        if path and not writable(path):
+            raise BadInput(f"{flag} {path}: cannot write there")
+
+
+def check_checkpoint(args):
+    """OUT/ckpt.safetensors is continued only with --resume (and a run that matches it, unless --resume
+    force) and replaced only with --overwrite; --resume needs one."""
+    ckpt = os.path.join(args.out, "ckpt.safetensors")
+    if not os.path.exists(ckpt):
+        if args.resume:
+            raise BadInput(f"--resume: no checkpoint to continue in {args.out} (leave --resume out to start)")
+        return
+    if args.overwrite and not args.resume:
+        return
+    meta = read_safetensors_metadata(ckpt, "checkpoint")
+    if not args.resume:
+        raise BadInput(f"{ckpt} holds a run (step {meta.get('step', '?')}): --resume true continues it, "
+                       f"--overwrite true starts over, or choose another --out")
+    saved = json.loads(meta.get("train_args", "{}"))
+    differ = [f"--{k.replace('_', '-')} {saved[k]!r} in the checkpoint, {getattr(args, k)!r} now"
+              for k in SAME_ON_RESUME if k in saved and saved[k] != getattr(args, k)]
+    if differ and args.resume != "force":
+        raise BadInput(f"--resume: this run differs from {ckpt}: {'; '.join(differ)} (--resume force to go "
+                       f"on)")
+
+
+@contextmanager
+def out_lock(folder, master):
+    """OUT/.lock while this run trains into OUT (the master process holds it): a second run on the same
+    folder is refused; a lock whose process is gone is taken over, and the temp files of that run's
+    interrupted saves removed."""
+    if not master:
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    path, me = os.path.join(folder, ".lock"), f"{os.getpid()} {socket.gethostname()}"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = open(path).read().split()
+            if len(owner) == 2 and owner[0].isdigit() and owner[1] == socket.gethostname() \
+                    and not alive(int(owner[0])):
+                os.remove(path)  # its run is gone
+                continue
+            raise BadInput(f"another run ({' on '.join(owner) or 'unknown'}) holds {path}: wait for it, pick "
+                           f"another --out, or delete the lock if that run is gone") from None
+    os.write(fd, me.encode())
+    os.close(fd)
+    for tmp in glob.glob(os.path.join(glob.escape(folder), "*.tmp*")):  # of saves a kill interrupted
+        os.remove(tmp)
+    try:
+        yield
+    finally:
+        os.remove(path)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b = lambda s: s.lower() in ("1", "true", "yes", "on")  # noqa: E731
+    b = parse_bool
     p.add_argument("--preset", choices=list(PRESETS),
                    help="a named recipe; explicit flags override it (default: shapes)")
     # model
@@ -158,7 +270,11 @@ def get_parser():
     p.add_argument("--seed", type=int, help="seed of data order, noise and init")
     # output
     p.add_argument("--out", help="output folder (checkpoint ckpt.safetensors, samples/)")
-    p.add_argument("--resume", type=b, help="continue from OUT/ckpt.safetensors")
+    p.add_argument("--resume", type=resume_mode,
+                   help="continue from OUT/ckpt.safetensors (true/false; force: even if the bridge's models "
+                        "or shape flags differ from the checkpoint's)")
+    p.add_argument("--overwrite", type=b,
+                   help="start over in an --out that holds a checkpoint (replacing it)")
     p.add_argument("--init-from", help="initialise the trainable weights from a checkpoint (a new run)")
     p.add_argument("--export-release",
                    help="at the end, also write the bridge as a LaVi-Bridge release folder (adapter/, "
@@ -227,7 +343,7 @@ def bridge_config(args, native=None):
     if args.method in TEXT_ONLY:
         adapter = "gluenet" if args.method == "gluenet" else args.adapter
         if adapter == "none":
-            raise SystemExit("--adapter none has nothing to train")
+            raise BadInput("--adapter none has nothing to train")
         cfg = replace(cfg, adapter=adapter, lora_rank=0, max_length=args.max_length or native.token_count)
     return cfg
 
@@ -412,7 +528,7 @@ def text_only_step(args, env, bridge, native, pairs, fresh):
     n = adapter.cfg.num_tokens if glue else native.token_count  # tokens the loss compares
     terms = [k for k in ("align", "rec", "adv") if getattr(args, f"loss_{k}") > 0]
     if glue and not terms:
-        raise SystemExit("every GlueNet loss is off (--loss-align/--loss-rec/--loss-adv all 0)")
+        raise BadInput("every GlueNet loss is off (--loss-align/--loss-rec/--loss-adv all 0)")
     if glue and fresh:  # GlueGen's fixed normalisations, kept in the adapter's buffers
         with torch.no_grad():
             adapter.src_scale.fill_(1.0 / args.src_div)
@@ -450,21 +566,31 @@ def text_only_step(args, env, bridge, native, pairs, fresh):
 # the training loop, shared by every method
 
 
-def train_loop(args, env, raw, model, optimizer, step_fn, start, ema, log, save):
-    """Optimiser steps start..args.steps of step_fn: LR schedule, gradient accumulation (DDP syncs on the
-    last micro-step only), AMP scaling, clipping, EMA, and every log_every steps a NaN check, a log line
-    (step, mean loss, mean gradient norm) and, at save_every, a checkpoint. SIGINT / SIGTERM save and stop.
-    Returns (log, whether a signal stopped the run)."""
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    live = list(trainable_tensors(raw, args.method == "base").values()) if ema is not None else []
-    scaler = torch.amp.GradScaler(env.device.type, enabled=args.dtype == "fp16")
-    ckpt = os.path.join(args.out, "ckpt.safetensors")
+@contextmanager
+def caught_signals():
+    """{"signal": None}, set to the number of a SIGINT / SIGTERM when one arrives; the handlers before are
+    restored after, so that Ctrl-C interrupts what follows (the evaluation) as usual."""
     stop = {"signal": None}
 
     def on_signal(signum, frame):
         stop["signal"] = signum
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    before = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def train_loop(args, env, raw, model, optimizer, step_fn, start, ema, log, save, stop):
+    """Optimiser steps start..args.steps of step_fn: LR schedule, gradient accumulation (DDP syncs on the
+    last micro-step only), AMP scaling, clipping, EMA, and every log_every steps a NaN check, a log line
+    (step, mean loss, mean gradient norm) and, at save_every, a checkpoint. A signal caught in stop (see
+    caught_signals) saves and stops. Returns the log."""
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    live = list(trainable_tensors(raw, args.method == "base").values()) if ema is not None else []
+    scaler = torch.amp.GradScaler(env.device.type, enabled=args.dtype == "fp16")
+    ckpt = os.path.join(args.out, "ckpt.safetensors")
     raw.train()  # dropout on, as the release trains (LoRA dropout, the LM's own dropout)
     # per step [loss, loss terms..., grad norm] on the device: no host sync in the step
     pending, names = [], []
@@ -519,7 +645,7 @@ def train_loop(args, env, raw, model, optimizer, step_fn, start, ema, log, save)
             say(env, f"signal {stop['signal']}: checkpoint written at step {done}, exiting")
             break
     pbar.close()
-    return log, stop["signal"] is not None
+    return log
 
 
 # -----------------------------------------------------------------------------
@@ -581,17 +707,31 @@ def replicas_agree(env, raw, whole):
 
 
 def main(args):
+    """Check everything a run needs before any model loads, then train into --out under its lock. An
+    interrupted run (SIGINT / SIGTERM) ends, after its checkpoint, with SystemExit(128 + the signal)."""
     args = resolve_args(args)
-    text_only, whole = args.method in TEXT_ONLY, args.method == "base"
+    check_args(args)
+    text_only = args.method in TEXT_ONLY
     if text_only and int(os.environ.get("RANK", -1)) != -1:
-        raise SystemExit(f"--method {args.method} trains on one process (it is cheap: no vision model runs)")
+        raise BadInput(f"--method {args.method} trains on one process (it is cheap: no vision model runs)")
     if args.export_release and (args.method not in ("lavi", "align") or args.adapter != "text"):
-        raise SystemExit("--export-release writes LaVi-Bridge's format: a TextAdapter bridge "
-                         "(--adapter text, --method lavi or align)")
+        raise BadInput("--export-release writes LaVi-Bridge's format: a TextAdapter bridge "
+                       "(--adapter text, --method lavi or align)")
+    check_checkpoint(args)
     # the data, indexed before any model loads (a missing file or no usable line stops here)
     pairs = data.text_pairs(args.data) if text_only else None
     dataset = data.open_dataset(args.data, args.size, args.flip) if not text_only and args.data != "shapes" \
         else None
+    with out_lock(args.out, int(os.environ.get("RANK", 0)) == 0):
+        result = train(args, pairs, dataset)
+    if result.stopped:
+        raise SystemExit(128 + result.stopped)
+    return result
+
+
+def train(args, pairs, dataset):
+    """The run main checked: set-up, the bridge and its optimizer, restore, the loop, what it shows."""
+    text_only, whole = args.method in TEXT_ONLY, args.method == "base"
     env = setup(args)
     torch.manual_seed(args.seed)
 
@@ -638,7 +778,9 @@ def main(args):
     if shapes_eval and args.method == "lavi" and start == 0:  # the bridge as initialised
         before = shapes.evaluate_bridge(raw.eval(), n=args.eval_n, sets=eval_sets(args))
     restored = len(log)
-    log, stopped = train_loop(args, env, raw, model, optimizer, step_fn, start, ema, log, save)
+    with caught_signals() as stop:
+        log = train_loop(args, env, raw, model, optimizer, step_fn, start, ema, log, save, stop)
+    stopped = stop["signal"]
     if env.master and not text_only and args.data != "shapes":
         print(batches.report())
     if shapes_eval and not stopped:
@@ -650,16 +792,17 @@ def main(args):
     if env.ddp:
         replicas_agree(env, raw, whole)
         dist.destroy_process_group()
-    return SimpleNamespace(bridge=raw, history=[(s, l) for s, l, _ in log[restored:]], log=log)
+    return SimpleNamespace(bridge=raw, history=[(s, l) for s, l, _ in log[restored:]], log=log,
+                           stopped=stopped)
 
 
 def check_native(native, bridge):
     """The text-only methods need a native encoder of a fixed token count and of the vision model's width."""
     if native.token_count is None:
-        raise SystemExit("the native encoder pads to the batch's longest prompt: give it a fixed max_length")
+        raise BadInput("the native encoder pads to the batch's longest prompt: give it a fixed max_length")
     if native.width != bridge.context_width:
-        raise SystemExit(f"the native encoder gives {native.width}-d features but the vision model takes "
-                         f"{bridge.context_width}: wrong --native?")
+        raise BadInput(f"the native encoder gives {native.width}-d features but the vision model takes "
+                       f"{bridge.context_width}: wrong --native?")
 
 
 if __name__ == "__main__":
