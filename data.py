@@ -290,7 +290,7 @@ class IndexedImages(torch.utils.data.Dataset):
         return int(self._perm[1][pos]), flip
 
     def candidates(self, g):
-        """(item, flip) of g, then of the items after it in its epoch's permutation, wrapping round: lazily."""
+        """(item, flip) of g, then those of the items after it in its epoch's permutation, wrapping round."""
         _, flip = self.position(g)
         perm, n, pos = self._perm[1], len(self.ds.items), g % len(self.ds.items)
         for k in range(n):
