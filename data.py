@@ -384,9 +384,9 @@ def open_dataset(source, size, flip):
 
 class Batches:
     """next(step, micro) -> (images or None, posterior (mean, std) or None, captions, global sample indices)
-    of this rank. The shapes world is drawn from (seed, micro-batch); real data comes through a DataLoader
-    (or the latent cache) indexed by global sample index. Unreadable images are skipped and counted: report()
-    gives what was used and what was skipped."""
+    of this rank, by global sample index: the shapes world's sample g from (seed, g), real data through a
+    DataLoader (or the latent cache). An image that does not decode is replaced by the next readable one and
+    counted: report() gives what was loaded and what was replaced."""
 
     def __init__(self, source, size, flip, seed, batch_size, grad_accum, rank=0, world=1, start_step=0,
                  num_workers=2, latent_cache="", posterior=None, barrier=None, dataset=None):
@@ -417,11 +417,10 @@ class Batches:
     def next(self, step, micro):
         m = step * self.accum + micro
         lo = (m * self.world + self.rank) * self.bs
-        if self.source == "shapes":  # the global batch of this micro-step, this rank's slice
-            rng = np.random.default_rng([self.seed, m])
-            images, captions, _ = shapes.sample_batch(rng, self.bs * self.world, self.size)
-            s = slice(self.rank * self.bs, (self.rank + 1) * self.bs)
-            return images[s], None, captions[s], list(range(lo, lo + self.bs))
+        if self.source == "shapes":  # drawn by global sample index
+            gs = list(range(lo, lo + self.bs))
+            images, captions = shapes.samples_at(self.seed, gs, self.size)
+            return images, None, captions, gs
         if self.cache is not None:
             mean, std, valid = self.cache
             if not valid.any():
@@ -474,19 +473,17 @@ def text_pairs(spec):
         raise MissingInput(f"caption file not found: {spec} (text-only methods read shapes, "
                            "shapes:<language>, a .txt of captions or a source<TAB>target file)")
     pairs, bad = [], []
-    with open(spec, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            src, tab, tgt = line.partition("\t")
-            if tab and (not src.strip() or not tgt.strip() or "\t" in tgt):
-                bad.append(n)
-                continue
-            pairs.append((src.strip(), tgt.strip() if tab else src.strip()))
+    for n, line in text_lines(spec):
+        if line is not None and not line.strip():
+            continue
+        src, tab, tgt = (line or "").partition("\t")
+        if line is None or tab and (not src.strip() or not tgt.strip() or "\t" in tgt):
+            bad.append(n)
+            continue
+        pairs.append((src.strip(), tgt.strip() if tab else src.strip()))
     if bad:
-        print(f"{spec}: skipped {len(bad)} malformed line(s) (an empty side or more than one TAB), "
-              f"e.g. line {bad[0]}")
+        print(f"{spec}: skipped {len(bad)} malformed line(s) (not UTF-8, an empty side or more than one "
+              f"TAB), e.g. line {bad[0]}")
     if not pairs:
         raise BadInput(f"{spec}: no caption in it")
     if sum(s.lower().endswith(IMAGE_EXTS) for s, _ in pairs) > len(pairs) // 2:

@@ -707,12 +707,15 @@ def read_checkpoint(path):
         raise BadInput(f"{path} is not a bridge checkpoint written by train.py (no 'bridge' metadata)")
     weights = {k: v for k, v in tensors.items() if not k.startswith("optim.")}  # ema.* included
     check_finite(weights, path)
-    optim = None
-    if "optim_groups" in meta:
-        optim = optimizer_state({k: v for k, v in tensors.items() if k.startswith("optim.")},
-                                json.loads(meta["optim_groups"]))
-    cfg = BridgeConfig(**json.loads(meta["bridge"]))
-    return weights, optim, cfg, int(meta["step"]), json.loads(meta["train_args"])
+    try:
+        optim = None
+        if "optim_groups" in meta:
+            optim = optimizer_state({k: v for k, v in tensors.items() if k.startswith("optim.")},
+                                    json.loads(meta["optim_groups"]))
+        cfg = BridgeConfig(**json.loads(meta["bridge"]))
+        return weights, optim, cfg, int(meta["step"]), json.loads(meta["train_args"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadInput(f"{path}: its train.py metadata does not read ({e!r})") from None
 
 
 def checkpoint_config(path):

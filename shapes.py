@@ -296,6 +296,14 @@ def sample_batch(rng, n, size=32, split="train"):
     return torch.stack([to_tensor(x) for x in imgs]), list(caps), list(attrs)  # (n, 3, H, W)
 
 
+def samples_at(seed, gs, size=32, split="train"):
+    """The training samples of global sample indices gs: (images (len(gs), 3, H, W), captions), sample g
+    drawn from its own generator (seed, g), so that any batch size, world size or accumulation draws the
+    same sample for the same g."""
+    imgs, caps, _ = zip(*(_sample(np.random.default_rng([seed, g]), split, size) for g in gs))
+    return torch.stack([to_tensor(x) for x in imgs]), list(caps)
+
+
 class ShapesDataset(torch.utils.data.IterableDataset):
     """Endless (image float (3, H, W) in [-1, 1], caption) stream of the shapes world, deterministic from
     seed. Each (rank, DataLoader worker) draws its own independent stream, so no two of them repeat each

@@ -116,7 +116,7 @@ INT_RANGES = dict(steps=(1, None), batch_size=(1, None), grad_accum=(1, None), l
                   glue_depth=(1, None), glue_mult=(1, None), size=(8, 4096))
 FLOAT_RANGES = dict(lr_vision=(0, None), lr_lm=(0, None), lr_adapter=(0, None), weight_decay=(0, None),
                     grad_clip=(0, None), loss_align=(0, None), loss_rec=(0, None), loss_adv=(0, None),
-                    adv_lambda=(0, None), src_div=(1e-12, None), ema=(0, 0.999999), adapter_dropout=(0, 0.99),
+                    adv_lambda=(0, None), src_div=(1e-12, None), ema=(0, 0.9999), adapter_dropout=(0, 0.99),
                     lora_dropout=(0, 0.99), caption_dropout=(0, 1))
 # what a resumed run must share with its checkpoint (else --resume force)
 SAME_ON_RESUME = ("method", "lm", "vision", "adapter", "adapter_mid", "lora_rank", "lora_lm", "lora_vision",
