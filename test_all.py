@@ -3132,6 +3132,24 @@ def test_signal_writes_checkpoint_and_exits_nonzero(shapes_base, tmp_path, sig):
     assert 0 < step < 100000 and not os.path.exists(tmp_path / ".lock")
 
 
+@slow
+def test_ctrl_c_interrupts_the_evaluation(shapes_base, tmp_path):
+    """Ctrl-C during the evaluation after training stops it (exit status 130, "interrupted"); the
+    checkpoint of the finished steps stays."""
+    p = subprocess.Popen([sys.executable, "train.py", *cli(shapes_base, tmp_path, "--steps", "2", "--eval",
+                                                           "true", "--eval-n", "32")],
+                         cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, t0 = "", time.time()
+    while time.time() - t0 < 300 and p.poll() is None:
+        seen += p.stdout.readline()
+        if "lavi: 100%" in seen and "evaluating" in seen[seen.rindex("lavi: 100%"):]:
+            break
+    p.send_signal(signal.SIGINT)
+    out = seen + p.communicate(timeout=300)[0]
+    assert p.returncode == 130 and "interrupted" in out and "| model |" not in out, out[-2000:]
+    assert ckpt_weights(tmp_path)[1] == 2
+
+
 def write_images(folder, n, size=40, seed=0):
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
