@@ -3633,8 +3633,15 @@ def test_presets_and_flags():
     a = train.resolve_args(p.parse_args(["--preset", "t5-pixart", "--lr-lm", "1e-5"]))
     assert (a.vision, a.lr_vision, a.lr_lm) == ("pixart-512", 2e-5, 1e-5)
     assert train.lr_at(0, 1.0, 4) == 0.25 and train.lr_at(10, 1.0, 4) == 1.0
+    # a pair of the shapes presets' models is not that preset: only --preset gives a shapes recipe
+    a = train.resolve_args(p.parse_args(["--lm", "native", "--vision", "shapes"]))
+    assert (a.preset, a.method, a.adapter) == ("", "lavi", "text")
     with pytest.raises(SystemExit):
         p.parse_args(["--preset", "nope"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["--eval", "maybe"])  # booleans are strict
+    flags = [p.parse_args(["--eval", v]).eval for v in ("YES", "0", "off", "True")]
+    assert flags == [True, False, False, True]
 
 
 # ==================================================================================================

@@ -86,9 +86,10 @@ TEXT_ONLY = ("gluenet", "align")
 
 
 def release_preset(lm, vision):
-    """The release preset whose (lm, vision) pair this is, for its learning rates."""
-    for p in PRESETS.values():
-        if p.get("lm") == lm and p.get("vision") == vision:
+    """The release preset whose (lm, vision) pair this is, for its learning rates (the shapes presets are
+    recipes of their own: only --preset gives them)."""
+    for name, p in PRESETS.items():
+        if not name.startswith("shapes") and p.get("lm") == lm and p.get("vision") == vision:
             return p
     return {}
 
