@@ -106,6 +106,21 @@ def lm_source(lm):
         return folder, json.load(f).get("model_type")
 
 
+def lm_signature(lm):
+    """(model_type, hidden width) of --lm from its config.json alone, or None where it cannot be found here
+    (or lm is "native"): what must match for a bridge's LoRA and adapter to fit another LM."""
+    if lm == "native":
+        return None
+    try:
+        folder, family = lm_source(lm)
+    except (BadInput, OSError):
+        return None
+    with open(os.path.join(folder, "config.json")) as f:
+        c = json.load(f)
+    c = c.get("text_config", c) if family == "clip" else c
+    return family, c.get("hidden_size", c.get("d_model"))
+
+
 def recipe_for(lm, kind="unet"):
     """The TextRecipe of --lm (a preset, hub id or folder) with a vision model of `kind`: its family's, with
     a preset's own changes; so that e.g. a local Llama-2 folder pads with '[PAD]' as the release does."""

@@ -16,8 +16,8 @@ from PIL import Image
 
 import cpu
 import shapes
-from model import (DTYPES, check_release_files, checkpoint_config, device_and_dtype, is_shapes, load_bridge,
-                   native_bridge)
+from model import (DTYPES, check_release_files, checkpoint_config, device_and_dtype, is_shapes, lm_signature,
+                   load_bridge, native_bridge)
 from model_io import BadInput, MissingInput, run_cli, writable
 from schedulers import SCHEDULERS
 
@@ -88,7 +88,14 @@ def check_args(args):
         check_release_files(args.bridge)
         vision = args.vision
     elif os.path.exists(args.bridge):
-        vision = args.vision or checkpoint_config(args.bridge)[0].vision
+        cfg = checkpoint_config(args.bridge)[0]
+        vision = args.vision or cfg.vision
+        if args.lm and args.lm != cfg.lm:
+            mine, theirs = lm_signature(args.lm), lm_signature(cfg.lm)
+            if mine and theirs and mine != theirs:
+                raise BadInput(f"--lm {args.lm} is a {mine[0]} of width {mine[1]}; this bridge was trained "
+                               f"on {cfg.lm}, a {theirs[0]} of width {theirs[1]}: its LoRA and adapter do not "
+                               f"fit")
     else:
         hint = " (train one first: python train.py)" if args.bridge.startswith("out/shapes") else ""
         raise MissingInput(f"no bridge at {args.bridge}{hint}")

@@ -3276,6 +3276,18 @@ def test_sample_bad_input(trained_run, tmp_path, case):
     print(f"{case}: {seconds:.2f} s: {lines[-1]}")
 
 
+def test_sample_refuses_an_lm_that_does_not_fit(world, trained_run, tmp_path):
+    """--lm over a checkpoint's own LM: another family or width is refused from the config files alone,
+    before any model loads."""
+    tensors, meta = model_io.read_safetensors(str(trained_run / "ckpt.safetensors"))
+    cfg = dict(json.loads(meta["bridge"]), lm=world["llama"])
+    model_io.save_safetensors(tensors, str(tmp_path / "b.safetensors"), dict(meta, bridge=json.dumps(cfg)))
+    code, lines, seconds = command_outcome(sample, ["--bridge", str(tmp_path / "b.safetensors"), "--lm",
+                                                    world["t5"], "--device", "cpu"])
+    assert code == 2 and len(lines) == 1 and seconds < 5
+    assert "is a t5 of width 32; this bridge was trained on" in lines[0] and "a llama of width 48" in lines[0]
+
+
 TRAIN_CASES = {
     "steps 0": (["--steps", "0"], "--steps 0: must be >= 1"),
     "batch size 0": (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
