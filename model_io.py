@@ -96,16 +96,22 @@ def load_weights(path):
     return sd
 
 
-def read_safetensors(path, what="file"):
-    """(tensors, metadata) of a safetensors file, or one clear error for a missing or corrupt one."""
+def read_safetensors(path, what="file", tensors=True):
+    """(tensors, metadata) of a safetensors file, or one clear error for a missing or corrupt one.
+    tensors=False: ({}, metadata) from the header alone."""
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise MissingInput(f"{what} not found: {path}")
     try:
         with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()} if tensors else {}, f.metadata() or {}
     except Exception as e:
         raise BadInput(f"cannot read {what} {path} (truncated or corrupt?): {e}") from None
+
+
+def read_safetensors_metadata(path, what="file"):
+    """The {str: str} metadata of a safetensors file from its header alone (no tensor is read)."""
+    return read_safetensors(path, what, tensors=False)[1]
 
 
 def writable(folder):
@@ -121,16 +127,6 @@ def writable(folder):
         return False
 
 
-def read_safetensors_metadata(path, what="file"):
-    """The {str: str} metadata of a safetensors file from its header alone (no tensor is read)."""
-    from safetensors import safe_open
-    if not os.path.isfile(path):
-        raise MissingInput(f"{what} not found: {path}")
-    try:
-        with safe_open(path, "pt") as f:
-            return f.metadata() or {}
-    except Exception as e:
-        raise BadInput(f"cannot read {what} {path} (truncated or corrupt?): {e}") from None
 
 
 def find_weight_file(folder):
