@@ -23,7 +23,8 @@ from ldmbert import LDMBert
 from lora import (LORA_TARGETS, export_release_list, import_release_list, inject, load_lora,
                   load_release_file, lora_state_dict, merge_lora, unwrap_lora)
 from model_io import (BadInput, MissingInput, check_finite, hub_folder, load_strict, optimizer_state,
-                      optimizer_tensors, read_safetensors, read_safetensors_metadata, save_safetensors)
+                      optimizer_tensors, read_config, read_safetensors, read_safetensors_metadata,
+                      save_safetensors)
 from schedulers import DDPM, PIXART_SCHEDULER, SD_SCHEDULER, make
 from unet import UNet, VAE
 
@@ -263,14 +264,33 @@ def is_shapes(vision):
     return vision == "shapes" or vision.startswith("shapes:")
 
 
-def vision_folder(name, patterns):
+def vision_folder(name, patterns, download=True):
     """A local pipeline folder (or single file) for a VISION_PRESETS name or a path."""
     if name in VISION_PRESETS:
-        return hub_folder(VISION_PRESETS[name], patterns, "vision model")
+        return hub_folder(VISION_PRESETS[name], patterns, "vision model", download)
     if os.path.exists(name):
         return name
     raise BadInput(f"unknown --vision {name!r}: use one of {', '.join(VISION_PRESETS)}, shapes, "
                    f"a diffusers pipeline folder or a single checkpoint file")
+
+
+def vision_signature(vision):
+    """("unet" | "dit", the width of the text features it takes) of --vision from the config files here
+    alone (nothing is downloaded), or None where they are not here (or it is a single checkpoint file): what
+    a bridge's adapter and vision LoRA must fit."""
+    try:
+        if is_shapes(vision):
+            meta = read_safetensors(shapes.base_path(vision), "shapes base model", tensors=False)[1]
+            return "unet", json.loads(meta["unet"])["cross_attention_dim"]
+        folder = vision_folder(vision, VISION_FILES, download=False)
+    except (BadInput, OSError, KeyError, ValueError):
+        return None
+    for kind, sub, key in (("dit", "transformer", "caption_channels"),
+                           ("unet", "unet", "cross_attention_dim")):
+        cfg = read_config(os.path.join(folder, sub)) if os.path.isdir(os.path.join(folder, sub)) else None
+        if cfg is not None:
+            return kind, cfg.get(key)
+    return None
 
 
 def load_vision(name, dtype=torch.float32, device="cpu", pretrained=True):

