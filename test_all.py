@@ -1045,7 +1045,7 @@ def test_dit_bad_forward_inputs():
 
 
 # ==================================================================================================
-# model.py: schedulers against diffusers, language models as text encoders
+# schedulers.py against diffusers; model.py: language models as text encoders
 # Tests of model.py's schedulers (against diffusers) and text encoders (against transformers).
 
 CONFIGS = {"sd": schedulers.SD_SCHEDULER, "pixart": schedulers.PIXART_SCHEDULER,
@@ -2030,7 +2030,7 @@ def test_inject_full_size_sd14_and_pixart_on_meta(one_thread):
 
 
 # ==================================================================================================
-# data.py: the shapes world, its analyzer, image-text datasets
+# data.py: the shapes world, its analyzer, image-text datasets, image modes and text files read exactly
 # Tests of data.py: the shapes world (rendering, analyzer, grammar, held-out splits, streams) and
 # ImageTextDataset (TSV / folder / tar, bad-data accounting, sharding).
 
@@ -2429,6 +2429,74 @@ def test_collate():
     assert data.collate([(None, None, 0, [1, 2]), (None, None, 1, [2, 1])]) == (None, [], [], [1, 2, 2, 1])
     with pytest.raises(ValueError, match="different shapes"):
         data.collate([(torch.zeros(3, 4, 4), "a", 0, []), (torch.zeros(3, 5, 4), "b", 1, [])])
+
+
+def test_every_image_mode_becomes_8bit_rgb(tmp_path):
+    """16-bit and 32-bit greyscale scaled (not clipped), float greyscale from [0, 1], palette images with a
+    transparent entry, LA / RGBA composited on white, CMYK, 1-bit: 8-bit RGB of the right values; an image
+    above the pixel limit is refused from its header."""
+    cases = {
+        "I;16": (Image.fromarray(np.full((4, 4), 32896, np.uint16)), 128),
+        "I": (Image.fromarray(np.full((4, 4), 65535, np.int32)), 255),
+        "F": (Image.fromarray(np.full((4, 4), 0.5, np.float32)), 128),
+        "LA": (Image.fromarray(np.stack([np.zeros((4, 4), np.uint8), np.zeros((4, 4), np.uint8)], -1), "LA"),
+               255),
+        "RGBA": (Image.fromarray(np.concatenate([np.zeros((4, 4, 3), np.uint8),
+                                                 np.full((4, 4, 1), 128, np.uint8)], -1), "RGBA"), 127),
+        "1": (Image.new("1", (4, 4), 1), 255),
+        "CMYK": (Image.new("CMYK", (4, 4), (0, 0, 0, 0)), 255),
+    }
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    pal.info["transparency"] = 1  # the whole image is transparent: white
+    cases["P transparent"] = (pal, 255)
+    for name, (img, want) in cases.items():
+        rgb = data.to_rgb(img)
+        a = np.asarray(rgb)
+        assert rgb.mode == "RGB" and a.dtype == np.uint8 and (a == want).all(), (name, a[0, 0])
+    # through a file, as training reads it: a 16-bit PNG keeps its grey level
+    Image.fromarray(np.full((8, 8), 16448, np.uint16)).save(tmp_path / "grey16.png")
+    (tmp_path / "t.tsv").write_text("grey16.png\ta grey square\n")
+    ds = data.ImageTextDataset(str(tmp_path / "t.tsv"), size=8, flip=False)
+    x, _ = ds.load(0)
+    assert torch.allclose(x, torch.full_like(x, 64 / 127.5 - 1))
+    old = data.MAX_PIXELS
+    try:
+        data.MAX_PIXELS = 63
+        with pytest.warns(UserWarning, match="8x8 pixels, above the limit of 63"):
+            assert ds.load(0) is None
+    finally:
+        data.MAX_PIXELS = old
+
+
+def test_text_files_exactly(tmp_path):
+    """UTF-8 with a byte-order mark, bytes that are not UTF-8 (a bad line, in every reader), extra fields
+    (counted, skipped), empty captions (counted, kept), and a report whose counts add up."""
+    for i in range(3):
+        write_png(tmp_path / f"{i}.png", 8, 8, i)
+    raw = ("\ufeff0.png\ta first caption\n".encode() + b"1.png\t\xff\xfe broken\n" +
+           b"2.png\ta\tb\n" + b"2.png\t\n" + b"0.png\tcaf\xc3\xa9\n")
+    (tmp_path / "t.tsv").write_bytes(raw)
+    with pytest.warns(UserWarning):
+        ds = data.ImageTextDataset(str(tmp_path / "t.tsv"), size=8)
+    assert [it[3] for it in ds.items] == ["a first caption", "", "café"]
+    assert ds.index_counts == {"bad_line": 1, "extra_fields": 1, "missing": 0, "unreadable": 0}
+    assert ds.empty_captions == 1
+    rep = ds.report()
+    assert "3 usable pairs (1 with an empty caption); skipped bad_line 1, extra_fields 1" in rep
+    assert "t.tsv:2: not UTF-8" in rep and "t.tsv:3: 3 fields" in rep
+    # a folder's caption files: a BOM is dropped, undecodable bytes are a bad line
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i, cap in enumerate([b"\xef\xbb\xbfwith a BOM", b"\xff bad", b""]):
+        write_png(folder / f"{i}.png", 8, 8, i)
+        (folder / f"{i}.txt").write_bytes(cap)
+    with pytest.warns(UserWarning, match="bad_line 1"):
+        ds = data.ImageTextDataset(str(folder), size=8)
+    assert [it[3] for it in ds.items] == ["with a BOM", ""] and ds.empty_captions == 1
+    # the text-only methods' files alike
+    (tmp_path / "pairs.tsv").write_bytes(b"\xef\xbb\xbfuno\tone\n\xff\xfe\tx\ndos\ttwo\n")
+    assert data.text_pairs(str(tmp_path / "pairs.tsv")) == [("uno", "one"), ("dos", "two")]
 
 
 # ==================================================================================================
@@ -2951,7 +3019,7 @@ def test_unknown_model_names(world, t5_release, monkeypatch):
 
 
 # ==================================================================================================
-# train.py: DDP, resume, NaN, signals, bad data, latent cache, compile
+# train.py: DDP, resume, NaN, signals, bad data, grad accumulation, EMA, latent cache, compile
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -3191,6 +3259,158 @@ def test_bad_data_is_reported_and_training_goes_on(shapes_base, tmp_path, capsys
         train.main(small_args(shapes_base, tmp_path / "out_bad", data=str(tmp_path / "bad.tsv"), size=32))
 
 
+def test_grad_accum_and_world_size_draw_the_same_samples(shapes_base, tmp_path):
+    """fp64, dropout off: 2 micro-steps of batch 2 give the step of one batch of 4 (losses, gradient norms,
+    weights), in the shapes world and on real data (through DataLoader workers); the shapes world's
+    samples are the same for any split of the global batch."""
+    names = write_images(tmp_path / "img", 10)
+    (tmp_path / "t.tsv").write_text("".join(f"img/{n}\ta red circle\n" for n in names))
+    for i, src in enumerate(("shapes", str(tmp_path / "t.tsv"))):
+        kw = dict(data=src, dtype="fp64", steps=3, log_every=1, size=32, num_workers=i)
+        one = train.main(small_args(shapes_base, tmp_path / f"one{i}", batch_size=4, **kw))
+        two = train.main(small_args(shapes_base, tmp_path / f"two{i}", batch_size=2, grad_accum=2, **kw))
+        logs_agree(two.log, one.log, 1e-10)
+        assert rel_err(ckpt_weights(tmp_path / f"two{i}")[0], ckpt_weights(tmp_path / f"one{i}")[0]) <= 1e-10
+    a, ca = shapes.samples_at(0, range(8))
+    b, cb = shapes.samples_at(0, range(4, 8))
+    assert torch.equal(a[4:], b) and ca[4:] == cb
+
+
+def test_resume_with_dropout_workers_and_ema(shapes_base, tmp_path):
+    """The default recipe's randomness on (LoRA, adapter, caption and the LM's own dropout; MiniLM with LoRA),
+    real data through 2 DataLoader workers, EMA: 4 steps equal 2 steps and a resume for 2 more, weights and
+    EMA weights; the EMA follows its formula."""
+    names = write_images(tmp_path / "img", 10)
+    (tmp_path / "t.tsv").write_text("".join(f"img/{n}\ta blue square {i}\n" for i, n in enumerate(names)))
+    kw = dict(data=str(tmp_path / "t.tsv"), size=32, lm="minilm", lora_lm=True, lora_dropout=0.1,
+              adapter_dropout=0.1, caption_dropout=0.2, ema=0.9, num_workers=2, log_every=1, max_length=16)
+    straight = train.main(small_args(shapes_base, tmp_path / "s", steps=4, **kw))
+    train.main(small_args(shapes_base, tmp_path / "r", steps=2, **kw))
+    resumed = train.main(small_args(shapes_base, tmp_path / "r", steps=4, resume=True, **kw))
+    a, b = ckpt_weights(tmp_path / "s")[0], ckpt_weights(tmp_path / "r")[0]
+    assert any(k.startswith("ema.") for k in a) and rel_err(b, a) <= 1e-6
+    logs_agree(resumed.log, straight.log, 1e-6)
+    # EMA: e_1 = d e_0 + (1 - d) w_1 with d = min(0.9, 2 / 11) and e_0 the initial weights, which a run at
+    # learning rate 0 keeps
+    train.main(small_args(shapes_base, tmp_path / "e1", steps=1, **kw))
+    train.main(small_args(shapes_base, tmp_path / "e0", steps=1, **dict(kw, lr_adapter=0.0, lr_vision=0.0,
+                                                                      lr_lm=0.0)))
+    w1, init = ckpt_weights(tmp_path / "e1")[0], ckpt_weights(tmp_path / "e0")[0]
+    d = min(0.9, 2 / 11)
+    for k in (k for k in w1 if k.startswith("ema.")):
+        assert torch.allclose(w1[k], d * init[k[4:]] + (1 - d) * w1[k[4:]], atol=1e-6), k
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    """A diffusers pipeline folder (tiny U-Net, tiny VAE, SD scheduler config) with cross-attention 32."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    root = tmp_path_factory.mktemp("pipe")
+    torch.manual_seed(0)
+    UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2,
+                         norm_num_groups=8, sample_size=8).save_pretrained(root / "unet")
+    AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                  sample_size=16).save_pretrained(root / "vae")
+    os.makedirs(root / "scheduler")
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedulers.SD_SCHEDULER))
+    return str(root)
+
+
+def test_latent_cache_gives_the_same_training(tiny_pipeline, tmp_path):
+    names = write_images(tmp_path / "img", 5, size=20)
+    (tmp_path / "t.tsv").write_text("".join(f"img/{n}\tcaption number {i}\n" for i, n in enumerate(names)))
+    common = dict(vision=tiny_pipeline, lm="minilm", lora_lm=True, max_length=8, data=str(tmp_path / "t.tsv"),
+                  size=16, steps=2, batch_size=3, num_workers=0, lora_dropout=0.0, adapter_dropout=0.0)
+    enc = train.main(small_args("", tmp_path / "enc", log_every=1, **common)).history
+    cached = train.main(small_args("", tmp_path / "cached", log_every=1,
+                                   latent_cache=str(tmp_path / "cache"), **common)).history
+    assert os.path.isfile(tmp_path / "cache" / "latents.safetensors")
+    # the cache stores the posterior in fp16: the same losses up to that rounding
+    assert [s for s, _ in enc] == [s for s, _ in cached] == [1, 2]
+    for (_, la), (_, lb) in zip(enc, cached):
+        assert abs(la - lb) <= 1e-3 * abs(la)
+    assert rel_err(ckpt_weights(tmp_path / "cached")[0], ckpt_weights(tmp_path / "enc")[0]) <= 2e-3
+    # a cache made for other data is refused
+    (tmp_path / "u.tsv").write_text("".join(f"img/{n}\tanother caption\n" for n in names[:4]))
+    with pytest.raises(ValueError, match="was made for"):
+        train.main(small_args("", tmp_path / "x", **{**common, "data": str(tmp_path / "u.tsv")},
+                              latent_cache=str(tmp_path / "cache")))
+
+
+@slow
+def test_compiled_step_matches_eager(shapes_base, tmp_path):
+    """train.py --compile true: the same losses, gradient norms and weights as eager for 2 steps; and the
+    compiled training loss of that bridge has eager's loss and gradients, parameter by parameter."""
+    torch.manual_seed(0)
+    eager = train.main(small_args(shapes_base, tmp_path / "eager", steps=2, save_every=2, log_every=1))
+    torch.manual_seed(0)
+    compiled = train.main(small_args(shapes_base, tmp_path / "compiled", steps=2, save_every=2, log_every=1,
+                                     compile=True))
+    a, _ = ckpt_weights(tmp_path / "eager")
+    b, _ = ckpt_weights(tmp_path / "compiled")
+    assert rel_err(b, a) <= 1e-4
+    logs_agree(compiled.log, eager.log, 1e-4)
+    bridge = compiled.bridge.train()
+    params = [p for p in bridge.parameters() if p.requires_grad]
+    ids, mask = bridge.text.tokenize(["a red circle", ""])
+    g = torch.Generator().manual_seed(0)
+    lat, noise = (torch.randn(2, bridge.latent_channels, 16, 16, generator=g) for _ in range(2))
+    inputs = (lat, ids, mask, torch.tensor([10, 700]), noise)
+    results = []
+    for fn in (bridge, torch.compile(bridge)):
+        torch.manual_seed(1)  # the same dropout masks
+        loss = fn(*inputs)
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (la, ga), (lb, gb) = results
+    assert rel_err(lb, la) <= 1e-5
+    assert max(rel_err(y, x) for x, y in zip(ga, gb)) <= 1e-4
+
+
+def test_base_method_trains_every_weight(tmp_path):
+    """--preset shapes-base: a freshly initialised shapes base model through the same set-up and loop, every
+    weight trained and saved (whole); its base.safetensors is a --vision shapes:PATH for a bridge."""
+    torch.manual_seed(0)
+    res = train.main(small_args("", tmp_path, preset="shapes-base", method="base", lm="native",
+                                adapter="none", vision="shapes", lora_rank=0, steps=2, batch_size=4,
+                                save_every=2))
+    w, _, cfg, step, _ = model.read_checkpoint(str(tmp_path / "ckpt.safetensors"))
+    assert step == 2 and cfg.lm == "native" and cfg.lora_rank == 0
+    sd = {f"unet.{k}": v for k, v in res.bridge.denoiser.state_dict().items()}
+    sd.update({f"text.{k}": v for k, v in res.bridge.text.state_dict().items()})
+    assert w.keys() == sd.keys() and rel_err(w, sd) == 0.0
+    unet_, words, _ = shapes.load_base(str(tmp_path / "base.safetensors"))
+    assert rel_err(unet_.state_dict(), res.bridge.denoiser.state_dict()) == 0.0
+    shipped = shapes.load_base()[0].state_dict()
+    assert rel_err(unet_.state_dict(), shipped) > 0.1  # trained from scratch, not from the shipped model
+    bridge = model.load_bridge(str(tmp_path / "ckpt.safetensors"))  # the whole model, from its checkpoint
+    assert rel_err(bridge.denoiser.state_dict(), res.bridge.denoiser.state_dict()) == 0.0
+
+
+def test_presets_and_flags():
+    p = train.get_parser()
+    a = train.resolve_args(p.parse_args([]))
+    assert a.preset == "shapes" and a.lm == "minilm" and a.vision == "shapes"
+    a = train.resolve_args(p.parse_args(["--lm", "llama2", "--vision", "sd14"]))
+    # the release's schedule: flat from step 0 (its 500 warm-up steps go to diffusers' "constant", which
+    # ignores them)
+    assert (a.lr_vision, a.lr_lm, a.lr_adapter, a.warmup, a.lora_rank) == (1e-4, 5e-6, 1e-4, 0, 32)
+    a = train.resolve_args(p.parse_args(["--preset", "t5-pixart", "--lr-lm", "1e-5"]))
+    assert (a.vision, a.lr_vision, a.lr_lm) == ("pixart-512", 2e-5, 1e-5)
+    assert train.lr_at(0, 1.0, 4) == 0.25 and train.lr_at(10, 1.0, 4) == 1.0
+    # a pair of the shapes presets' models is not that preset: only --preset gives a shapes recipe
+    a = train.resolve_args(p.parse_args(["--lm", "native", "--vision", "shapes"]))
+    assert (a.preset, a.method, a.adapter) == ("", "lavi", "text")
+    with pytest.raises(SystemExit):
+        p.parse_args(["--preset", "nope"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["--eval", "maybe"])  # booleans are strict
+    flags = [p.parse_args(["--eval", v]).eval for v in ("YES", "0", "off", "True")]
+    assert flags == [True, False, False, True]
+
+
 # ==================================================================================================
 # bad input at the command lines: found before anything loads, one line, exit status 2, nothing lost
 
@@ -3375,74 +3595,6 @@ def test_non_finite_sampling_is_an_error(shapes_base, trained_run):
         bridge.sample(["a red circle"], steps=3, progress=False)
 
 
-def test_every_image_mode_becomes_8bit_rgb(tmp_path):
-    """16-bit and 32-bit greyscale scaled (not clipped), float greyscale from [0, 1], palette images with a
-    transparent entry, LA / RGBA composited on white, CMYK, 1-bit: 8-bit RGB of the right values; an image
-    above the pixel limit is refused from its header."""
-    cases = {
-        "I;16": (Image.fromarray(np.full((4, 4), 32896, np.uint16)), 128),
-        "I": (Image.fromarray(np.full((4, 4), 65535, np.int32)), 255),
-        "F": (Image.fromarray(np.full((4, 4), 0.5, np.float32)), 128),
-        "LA": (Image.fromarray(np.stack([np.zeros((4, 4), np.uint8), np.zeros((4, 4), np.uint8)], -1), "LA"),
-               255),
-        "RGBA": (Image.fromarray(np.concatenate([np.zeros((4, 4, 3), np.uint8),
-                                                 np.full((4, 4, 1), 128, np.uint8)], -1), "RGBA"), 127),
-        "1": (Image.new("1", (4, 4), 1), 255),
-        "CMYK": (Image.new("CMYK", (4, 4), (0, 0, 0, 0)), 255),
-    }
-    pal = Image.new("P", (4, 4), 1)
-    pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
-    pal.info["transparency"] = 1  # the whole image is transparent: white
-    cases["P transparent"] = (pal, 255)
-    for name, (img, want) in cases.items():
-        rgb = data.to_rgb(img)
-        a = np.asarray(rgb)
-        assert rgb.mode == "RGB" and a.dtype == np.uint8 and (a == want).all(), (name, a[0, 0])
-    # through a file, as training reads it: a 16-bit PNG keeps its grey level
-    Image.fromarray(np.full((8, 8), 16448, np.uint16)).save(tmp_path / "grey16.png")
-    (tmp_path / "t.tsv").write_text("grey16.png\ta grey square\n")
-    ds = data.ImageTextDataset(str(tmp_path / "t.tsv"), size=8, flip=False)
-    x, _ = ds.load(0)
-    assert torch.allclose(x, torch.full_like(x, 64 / 127.5 - 1))
-    old = data.MAX_PIXELS
-    try:
-        data.MAX_PIXELS = 63
-        with pytest.warns(UserWarning, match="8x8 pixels, above the limit of 63"):
-            assert ds.load(0) is None
-    finally:
-        data.MAX_PIXELS = old
-
-
-def test_text_files_exactly(tmp_path):
-    """UTF-8 with a byte-order mark, bytes that are not UTF-8 (a bad line, in every reader), extra fields
-    (counted, skipped), empty captions (counted, kept), and a report whose counts add up."""
-    for i in range(3):
-        write_png(tmp_path / f"{i}.png", 8, 8, i)
-    raw = ("\ufeff0.png\ta first caption\n".encode() + b"1.png\t\xff\xfe broken\n" +
-           b"2.png\ta\tb\n" + b"2.png\t\n" + b"0.png\tcaf\xc3\xa9\n")
-    (tmp_path / "t.tsv").write_bytes(raw)
-    with pytest.warns(UserWarning):
-        ds = data.ImageTextDataset(str(tmp_path / "t.tsv"), size=8)
-    assert [it[3] for it in ds.items] == ["a first caption", "", "café"]
-    assert ds.index_counts == {"bad_line": 1, "extra_fields": 1, "missing": 0, "unreadable": 0}
-    assert ds.empty_captions == 1
-    rep = ds.report()
-    assert "3 usable pairs (1 with an empty caption); skipped bad_line 1, extra_fields 1" in rep
-    assert "t.tsv:2: not UTF-8" in rep and "t.tsv:3: 3 fields" in rep
-    # a folder's caption files: a BOM is dropped, undecodable bytes are a bad line
-    folder = tmp_path / "f"
-    folder.mkdir()
-    for i, cap in enumerate([b"\xef\xbb\xbfwith a BOM", b"\xff bad", b""]):
-        write_png(folder / f"{i}.png", 8, 8, i)
-        (folder / f"{i}.txt").write_bytes(cap)
-    with pytest.warns(UserWarning, match="bad_line 1"):
-        ds = data.ImageTextDataset(str(folder), size=8)
-    assert [it[3] for it in ds.items] == ["with a BOM", ""] and ds.empty_captions == 1
-    # the text-only methods' files alike
-    (tmp_path / "pairs.tsv").write_bytes(b"\xef\xbb\xbfuno\tone\n\xff\xfe\tx\ndos\ttwo\n")
-    assert data.text_pairs(str(tmp_path / "pairs.tsv")) == [("uno", "one"), ("dos", "two")]
-
-
 def test_fuzz_readers(tmp_path, trained_run):
     """Random bytes and random truncations of a checkpoint, a release LoRA list, an adapter file and images:
     a clear error (BadInput) or, for an image, a counted unreadable one; never another exception or a
@@ -3504,158 +3656,6 @@ def test_fuzz_readers(tmp_path, trained_run):
             assert out is not None or ds.items[i][3] != "the unbroken one"
     print(f"images: {unreadable} of {len(ds.items) - 2} variants unreadable, the rest decoded")
     assert unreadable >= 12
-
-
-def test_grad_accum_and_world_size_draw_the_same_samples(shapes_base, tmp_path):
-    """fp64, dropout off: 2 micro-steps of batch 2 give the step of one batch of 4 (losses, gradient norms,
-    weights), in the shapes world and on real data (through DataLoader workers); the shapes world's
-    samples are the same for any split of the global batch."""
-    names = write_images(tmp_path / "img", 10)
-    (tmp_path / "t.tsv").write_text("".join(f"img/{n}\ta red circle\n" for n in names))
-    for i, src in enumerate(("shapes", str(tmp_path / "t.tsv"))):
-        kw = dict(data=src, dtype="fp64", steps=3, log_every=1, size=32, num_workers=i)
-        one = train.main(small_args(shapes_base, tmp_path / f"one{i}", batch_size=4, **kw))
-        two = train.main(small_args(shapes_base, tmp_path / f"two{i}", batch_size=2, grad_accum=2, **kw))
-        logs_agree(two.log, one.log, 1e-10)
-        assert rel_err(ckpt_weights(tmp_path / f"two{i}")[0], ckpt_weights(tmp_path / f"one{i}")[0]) <= 1e-10
-    a, ca = shapes.samples_at(0, range(8))
-    b, cb = shapes.samples_at(0, range(4, 8))
-    assert torch.equal(a[4:], b) and ca[4:] == cb
-
-
-def test_resume_with_dropout_workers_and_ema(shapes_base, tmp_path):
-    """The default recipe's randomness on (LoRA, adapter, caption and the LM's own dropout; MiniLM with LoRA),
-    real data through 2 DataLoader workers, EMA: 4 steps equal 2 steps and a resume for 2 more, weights and
-    EMA weights; the EMA follows its formula."""
-    names = write_images(tmp_path / "img", 10)
-    (tmp_path / "t.tsv").write_text("".join(f"img/{n}\ta blue square {i}\n" for i, n in enumerate(names)))
-    kw = dict(data=str(tmp_path / "t.tsv"), size=32, lm="minilm", lora_lm=True, lora_dropout=0.1,
-              adapter_dropout=0.1, caption_dropout=0.2, ema=0.9, num_workers=2, log_every=1, max_length=16)
-    straight = train.main(small_args(shapes_base, tmp_path / "s", steps=4, **kw))
-    train.main(small_args(shapes_base, tmp_path / "r", steps=2, **kw))
-    resumed = train.main(small_args(shapes_base, tmp_path / "r", steps=4, resume=True, **kw))
-    a, b = ckpt_weights(tmp_path / "s")[0], ckpt_weights(tmp_path / "r")[0]
-    assert any(k.startswith("ema.") for k in a) and rel_err(b, a) <= 1e-6
-    logs_agree(resumed.log, straight.log, 1e-6)
-    # EMA: e_1 = d e_0 + (1 - d) w_1 with d = min(0.9, 2 / 11) and e_0 the initial weights, which a run at
-    # learning rate 0 keeps
-    train.main(small_args(shapes_base, tmp_path / "e1", steps=1, **kw))
-    train.main(small_args(shapes_base, tmp_path / "e0", steps=1, **dict(kw, lr_adapter=0.0, lr_vision=0.0,
-                                                                      lr_lm=0.0)))
-    w1, init = ckpt_weights(tmp_path / "e1")[0], ckpt_weights(tmp_path / "e0")[0]
-    d = min(0.9, 2 / 11)
-    for k in (k for k in w1 if k.startswith("ema.")):
-        assert torch.allclose(w1[k], d * init[k[4:]] + (1 - d) * w1[k[4:]], atol=1e-6), k
-
-
-@pytest.fixture(scope="module")
-def tiny_pipeline(tmp_path_factory):
-    """A diffusers pipeline folder (tiny U-Net, tiny VAE, SD scheduler config) with cross-attention 32."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    root = tmp_path_factory.mktemp("pipe")
-    torch.manual_seed(0)
-    UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
-                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2,
-                         norm_num_groups=8, sample_size=8).save_pretrained(root / "unet")
-    AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                  sample_size=16).save_pretrained(root / "vae")
-    os.makedirs(root / "scheduler")
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(schedulers.SD_SCHEDULER))
-    return str(root)
-
-
-def test_latent_cache_gives_the_same_training(tiny_pipeline, tmp_path):
-    names = write_images(tmp_path / "img", 5, size=20)
-    (tmp_path / "t.tsv").write_text("".join(f"img/{n}\tcaption number {i}\n" for i, n in enumerate(names)))
-    common = dict(vision=tiny_pipeline, lm="minilm", lora_lm=True, max_length=8, data=str(tmp_path / "t.tsv"),
-                  size=16, steps=2, batch_size=3, num_workers=0, lora_dropout=0.0, adapter_dropout=0.0)
-    enc = train.main(small_args("", tmp_path / "enc", log_every=1, **common)).history
-    cached = train.main(small_args("", tmp_path / "cached", log_every=1,
-                                   latent_cache=str(tmp_path / "cache"), **common)).history
-    assert os.path.isfile(tmp_path / "cache" / "latents.safetensors")
-    # the cache stores the posterior in fp16: the same losses up to that rounding
-    assert [s for s, _ in enc] == [s for s, _ in cached] == [1, 2]
-    for (_, la), (_, lb) in zip(enc, cached):
-        assert abs(la - lb) <= 1e-3 * abs(la)
-    assert rel_err(ckpt_weights(tmp_path / "cached")[0], ckpt_weights(tmp_path / "enc")[0]) <= 2e-3
-    # a cache made for other data is refused
-    (tmp_path / "u.tsv").write_text("".join(f"img/{n}\tanother caption\n" for n in names[:4]))
-    with pytest.raises(ValueError, match="was made for"):
-        train.main(small_args("", tmp_path / "x", **{**common, "data": str(tmp_path / "u.tsv")},
-                              latent_cache=str(tmp_path / "cache")))
-
-
-@slow
-def test_compiled_step_matches_eager(shapes_base, tmp_path):
-    """train.py --compile true: the same losses, gradient norms and weights as eager for 2 steps; and the
-    compiled training loss of that bridge has eager's loss and gradients, parameter by parameter."""
-    torch.manual_seed(0)
-    eager = train.main(small_args(shapes_base, tmp_path / "eager", steps=2, save_every=2, log_every=1))
-    torch.manual_seed(0)
-    compiled = train.main(small_args(shapes_base, tmp_path / "compiled", steps=2, save_every=2, log_every=1,
-                                     compile=True))
-    a, _ = ckpt_weights(tmp_path / "eager")
-    b, _ = ckpt_weights(tmp_path / "compiled")
-    assert rel_err(b, a) <= 1e-4
-    logs_agree(compiled.log, eager.log, 1e-4)
-    bridge = compiled.bridge.train()
-    params = [p for p in bridge.parameters() if p.requires_grad]
-    ids, mask = bridge.text.tokenize(["a red circle", ""])
-    g = torch.Generator().manual_seed(0)
-    lat, noise = (torch.randn(2, bridge.latent_channels, 16, 16, generator=g) for _ in range(2))
-    inputs = (lat, ids, mask, torch.tensor([10, 700]), noise)
-    results = []
-    for fn in (bridge, torch.compile(bridge)):
-        torch.manual_seed(1)  # the same dropout masks
-        loss = fn(*inputs)
-        results.append((loss.detach(), torch.autograd.grad(loss, params)))
-    (la, ga), (lb, gb) = results
-    assert rel_err(lb, la) <= 1e-5
-    assert max(rel_err(y, x) for x, y in zip(ga, gb)) <= 1e-4
-
-
-def test_base_method_trains_every_weight(tmp_path):
-    """--preset shapes-base: a freshly initialised shapes base model through the same set-up and loop, every
-    weight trained and saved (whole); its base.safetensors is a --vision shapes:PATH for a bridge."""
-    torch.manual_seed(0)
-    res = train.main(small_args("", tmp_path, preset="shapes-base", method="base", lm="native",
-                                adapter="none", vision="shapes", lora_rank=0, steps=2, batch_size=4,
-                                save_every=2))
-    w, _, cfg, step, _ = model.read_checkpoint(str(tmp_path / "ckpt.safetensors"))
-    assert step == 2 and cfg.lm == "native" and cfg.lora_rank == 0
-    sd = {f"unet.{k}": v for k, v in res.bridge.denoiser.state_dict().items()}
-    sd.update({f"text.{k}": v for k, v in res.bridge.text.state_dict().items()})
-    assert w.keys() == sd.keys() and rel_err(w, sd) == 0.0
-    unet_, words, _ = shapes.load_base(str(tmp_path / "base.safetensors"))
-    assert rel_err(unet_.state_dict(), res.bridge.denoiser.state_dict()) == 0.0
-    shipped = shapes.load_base()[0].state_dict()
-    assert rel_err(unet_.state_dict(), shipped) > 0.1  # trained from scratch, not from the shipped model
-    bridge = model.load_bridge(str(tmp_path / "ckpt.safetensors"))  # the whole model, from its checkpoint
-    assert rel_err(bridge.denoiser.state_dict(), res.bridge.denoiser.state_dict()) == 0.0
-
-
-def test_presets_and_flags():
-    p = train.get_parser()
-    a = train.resolve_args(p.parse_args([]))
-    assert a.preset == "shapes" and a.lm == "minilm" and a.vision == "shapes"
-    a = train.resolve_args(p.parse_args(["--lm", "llama2", "--vision", "sd14"]))
-    # the release's schedule: flat from step 0 (its 500 warm-up steps go to diffusers' "constant", which
-    # ignores them)
-    assert (a.lr_vision, a.lr_lm, a.lr_adapter, a.warmup, a.lora_rank) == (1e-4, 5e-6, 1e-4, 0, 32)
-    a = train.resolve_args(p.parse_args(["--preset", "t5-pixart", "--lr-lm", "1e-5"]))
-    assert (a.vision, a.lr_vision, a.lr_lm) == ("pixart-512", 2e-5, 1e-5)
-    assert train.lr_at(0, 1.0, 4) == 0.25 and train.lr_at(10, 1.0, 4) == 1.0
-    # a pair of the shapes presets' models is not that preset: only --preset gives a shapes recipe
-    a = train.resolve_args(p.parse_args(["--lm", "native", "--vision", "shapes"]))
-    assert (a.preset, a.method, a.adapter) == ("", "lavi", "text")
-    with pytest.raises(SystemExit):
-        p.parse_args(["--preset", "nope"])
-    with pytest.raises(SystemExit):
-        p.parse_args(["--eval", "maybe"])  # booleans are strict
-    flags = [p.parse_args(["--eval", v]).eval for v in ("YES", "0", "off", "True")]
-    assert flags == [True, False, False, True]
 
 
 # ==================================================================================================
