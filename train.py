@@ -50,9 +50,7 @@ DEFAULTS = dict(
     warmup=0, grad_clip=1.0, caption_dropout=0.0, ema=0.0,
     dtype="fp32", lm_dtype="", compile=False, grad_checkpointing=False, cpu_layout=False, device="", seed=0,
     out="out/bridge", resume=False, overwrite=False, init_from="", export_release="", log_every=10,
-    save_every=500,
-    sample_every=0,
-    sample_prompts="a photo of a cat|a red car in the snow", eval=False, eval_n=48,
+    save_every=500, sample_every=0, sample_prompts="a photo of a cat|a red car in the snow", eval=False, eval_n=48,
     eval_sets="seen,unseen,paraphrase",
     # text-only methods (gluenet, align): GlueGen's loss weights and scales, the staged recipe's stage-1 loss
     native="", loss_align=GLUEGEN_LOSS_WEIGHTS["align"], loss_rec=GLUEGEN_LOSS_WEIGHTS["rec"],
@@ -186,7 +184,8 @@ def out_lock(folder, master):
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            owner = open(path).read().split()
+            with open(path) as f:
+                owner = f.read().split()
             if len(owner) == 2 and owner[0].isdigit() and owner[1] == socket.gethostname() \
                     and not alive(int(owner[0])):
                 os.remove(path)  # its run is gone
@@ -204,12 +203,13 @@ def out_lock(folder, master):
 
 
 def alive(pid):
+    """Whether process pid exists (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
