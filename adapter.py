@@ -80,45 +80,71 @@ class TextAdapter(nn.Module):
 # -----------------------------------------------------------------------------
 # GlueGen GlueNet
 
+# GlueGen's per-position L2 norms of CLIP ViT-L/14's last hidden state (SD 1.x's text encoder), a constant in
+# its code (train_gluenet_multi.py:205, train_gluenet_sound_text.py:115, ldm/modules/encoders/modules.py:287):
+# training targets are CLIP / (norm / 2), GlueNet's outputs are multiplied by norm / 2
+GLUEGEN_CLIP_NORMS = (
+    43.8203, 28.3668, 27.9345, 28.0084, 28.2958, 28.2576, 28.3373, 28.2695, 28.4097, 28.2790,
+    28.2825, 28.2807, 28.2775, 28.2708, 28.2682, 28.2624, 28.2589, 28.2611, 28.2616, 28.2639,
+    28.2613, 28.2566, 28.2615, 28.2665, 28.2799, 28.2885, 28.2852, 28.2863, 28.2780, 28.2818,
+    28.2764, 28.2532, 28.2412, 28.2336, 28.2514, 28.2734, 28.2763, 28.2977, 28.2971, 28.2948,
+    28.2818, 28.2676, 28.2831, 28.2890, 28.2979, 28.2999, 28.3117, 28.3363, 28.3554, 28.3626,
+    28.3589, 28.3597, 28.3543, 28.3660, 28.3731, 28.3717, 28.3812, 28.3753, 28.3810, 28.3777,
+    28.3693, 28.3713, 28.3670, 28.3691, 28.3679, 28.3624, 28.3703, 28.3703, 28.3720, 28.3594,
+    28.3576, 28.3562, 28.3438, 28.3376, 28.3389, 28.3433, 28.3191)
+
 
 @dataclass
 class GlueNetConfig:
-    num_tokens: int = 77  # the token MLP mixes across a FIXED number of tokens
-    in_dim: int = 1024  # source LM width (XLM-R large)
+    num_tokens: int = 77  # tokens out; the token MLPs mix across a FIXED number of tokens
+    in_dim: int = 1024  # source width (XLM-R large; the sound release: 64, AudioCLIP's 1024 as 16 x 64)
     out_dim: int = 768  # target width (CLIP-L text)
     mult: int = 2  # hidden width = mult * width, for tokens and channels alike
-    depth: int = 5  # mixer blocks before the tail
+    depth: int = 5  # mixer blocks before the tail (head: 3 before the token change, depth - 3 after)
+    in_tokens: int = 0  # 0: num_tokens (Translator_noln); else the tokens in, which a head changes
+    # (Translator_w_head)
 
 
-def _mlp(d_in, d_hidden, d_out, norm):
-    """Linear-(LN)-GELU-Linear-(LN)-GELU-Linear-(LN): indices 0..7 with norms, 0..4 without (GlueGen keys)."""
+def _mlp(d_in, d_hidden, d_out, norm, gelu_out=False):
+    """Linear-(LN)-GELU-Linear-(LN)-GELU-Linear-(LN)(-GELU): GlueGen's Sequential indices (0..7 with norms,
+    0..4 without)."""
     layers = [nn.Linear(d_in, d_hidden), nn.LayerNorm(d_hidden), nn.GELU(),
               nn.Linear(d_hidden, d_hidden), nn.LayerNorm(d_hidden), nn.GELU(),
               nn.Linear(d_hidden, d_out), nn.LayerNorm(d_out)]
     if not norm:
-        layers = [m for m in layers if not isinstance(m, nn.LayerNorm)]
+        layers = [m for m in layers if not isinstance(m, nn.LayerNorm)] + ([nn.GELU()] if gelu_out else [])
     return nn.Sequential(*layers)
 
 
 class MixerBlock(nn.Module):
-    """Channel MLP then token MLP, each residual when the width is kept (GlueGen translator_base / _noln)."""
+    """Channel MLP then token MLP, each residual when neither the width nor the token count changes
+    (GlueGen translator_base / _noln / translator_tok_dim); the token MLP's hidden width is mult times
+    the tokens in."""
 
-    def __init__(self, num_tokens, dim, dim_out, mult=2, norm=True):
+    def __init__(self, num_tokens, dim, dim_out, mult=2, norm=True, tokens_out=None, gelu_out=False,
+                 residual=True):
         super().__init__()
-        self.residual = dim == dim_out
-        self.net_tok = _mlp(num_tokens, num_tokens * mult, num_tokens, norm)
-        self.net_sen = _mlp(dim, dim * mult, dim_out, norm)
+        tokens_out = tokens_out or num_tokens
+        self.residual = residual and dim == dim_out and tokens_out == num_tokens
+        self.net_tok = _mlp(num_tokens, num_tokens * mult, tokens_out, norm)
+        self.net_sen = _mlp(dim, dim * mult, dim_out, norm, gelu_out)
 
     def forward(self, x):
-        """x: (B, T, dim) -> (B, T, dim_out)."""
+        """x: (B, T, dim) -> (B, tokens_out, dim_out)."""
         y = self.net_sen(x)  # (B, T, dim_out)
         if self.residual:
             y = y + x
         y = y.transpose(1, 2)  # (B, dim_out, T)
-        z = self.net_tok(y)  # (B, dim_out, T)
+        z = self.net_tok(y)  # (B, dim_out, tokens_out)
         if self.residual:
             z = z + y
-        return z.transpose(1, 2)  # (B, T, dim_out)
+        return z.transpose(1, 2)  # (B, tokens_out, dim_out)
+
+
+def _check_tokens(x, n):
+    if x.dim() != 3 or x.shape[1] != n:
+        raise BadInput(f"GlueNet mixes exactly {n} tokens (pad or truncate to it); "
+                       f"got shape {tuple(x.shape)}")
 
 
 class GlueTranslator(nn.Module):
@@ -133,58 +159,114 @@ class GlueTranslator(nn.Module):
 
     def forward(self, x):
         """x: (B, num_tokens, dim) -> (B, num_tokens, dim_out)."""
-        if x.dim() != 3 or x.shape[1] != self.num_tokens:
-            raise BadInput(f"GlueNet mixes exactly {self.num_tokens} tokens (pad or truncate to it); "
-                           f"got shape {tuple(x.shape)}")
+        _check_tokens(x, self.num_tokens)
         for block in self.blocks:
             x = F.gelu(block(x) + x)  # (B, T, dim)
         return self.tail(x)
 
 
+class GlueHeadTranslator(nn.Module):
+    """GlueGen's sound translator (Translator_w_head): 3 mixer blocks at the source's token count and width,
+    a head that changes both (trans), depth - 3 blocks at the target's, then
+    x = tail_2(tail_1(x) + x), the tails without LayerNorms and with a GELU after their channel MLP."""
+
+    def __init__(self, in_tokens, num_tokens, dim, dim_out, mult=4, depth=5):
+        super().__init__()
+        if depth < 3:
+            raise BadInput(f"the head translator has 3 blocks before its head: depth {depth} must be >= 3")
+        self.in_tokens = in_tokens
+        self.in_blocks = nn.ModuleList([MixerBlock(in_tokens, dim, dim, mult) for _ in range(3)])
+        self.trans = MixerBlock(in_tokens, dim, dim_out, mult, tokens_out=num_tokens, residual=False)
+        self.out_blocks = nn.ModuleList([MixerBlock(num_tokens, dim_out, dim_out, mult)
+                                         for _ in range(depth - 3)])
+        # translator_tok_dim never adds its input
+        self.tail_1, self.tail_2 = (MixerBlock(num_tokens, dim_out, dim_out, mult, norm=False, gelu_out=True,
+                                               residual=False) for _ in range(2))
+
+    def forward(self, x):
+        """x: (B, in_tokens, dim) -> (B, num_tokens, dim_out)."""
+        _check_tokens(x, self.in_tokens)
+        for block in self.in_blocks:
+            x = F.gelu(block(x) + x)  # (B, T_in, dim)
+        x = self.trans(x)  # (B, T, dim_out)
+        for block in self.out_blocks:
+            x = F.gelu(block(x) + x)
+        return self.tail_2(self.tail_1(x) + x)
+
+
 class GlueNet(nn.Module):
-    """GlueGen GlueNet: encoder maps source-LM features into the target text space, decoder maps back
-    for the reconstruction loss, a token discriminator for the adversarial loss (salesforce/GlueGen,
-    Translator_noln x2 + Discriminator). GlueGen's fixed normalisations live in two buffers, so that a
-    checkpoint carries them: the encoder sees src_scale * x (GlueGen: XLM-R / 3) and is trained onto
-    target / tgt_scale per token (GlueGen: CLIP / (mean norm of that token position / 2)); forward()
-    maps raw LM features to raw target features."""
+    """GlueGen GlueNet: encoder maps source features into the target text space, decoder maps back for the
+    reconstruction loss, a token discriminator for the adversarial loss (salesforce/GlueGen: Translator_noln
+    x2 + Discriminator; with cfg.in_tokens, the sound model's Translator_w_head x2). GlueGen's fixed
+    normalisations live in two buffers, so that a checkpoint carries them: the encoder sees src_scale * x
+    (GlueGen: XLM-R / 3) and is trained onto target / tgt_scale per token (GlueGen: CLIP / (its per-position
+    norm / 2)); forward() maps raw source features to raw target features."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.encoder = GlueTranslator(cfg.num_tokens, cfg.in_dim, cfg.out_dim, cfg.mult, cfg.depth)
-        self.decoder = GlueTranslator(cfg.num_tokens, cfg.out_dim, cfg.in_dim, cfg.mult, cfg.depth)
+        if cfg.in_tokens:
+            c = cfg
+            self.encoder = GlueHeadTranslator(c.in_tokens, c.num_tokens, c.in_dim, c.out_dim, c.mult, c.depth)
+            self.decoder = GlueHeadTranslator(c.num_tokens, c.in_tokens, c.out_dim, c.in_dim, c.mult, c.depth)
+        else:
+            self.encoder = GlueTranslator(cfg.num_tokens, cfg.in_dim, cfg.out_dim, cfg.mult, cfg.depth)
+            self.decoder = GlueTranslator(cfg.num_tokens, cfg.out_dim, cfg.in_dim, cfg.mult, cfg.depth)
         self.disc = TokenDiscriminator(cfg.out_dim)  # training only, kept so that a run resumes whole
         self.register_buffer("src_scale", torch.ones(()))  # set by the trainer (GlueGen: 1 / 3)
-        self.register_buffer("tgt_scale", torch.ones(cfg.num_tokens))  # (T,), set by the trainer from data
+        self.register_buffer("tgt_scale", torch.ones(cfg.num_tokens))  # (T,), set by the trainer
+
+    @property
+    def in_tokens(self):
+        return self.cfg.in_tokens or self.cfg.num_tokens
 
     def forward(self, x):
-        """x: (B, num_tokens, in_dim) raw source features -> (B, num_tokens, out_dim) raw target features."""
+        """x: (B, in_tokens, in_dim) raw source features -> (B, num_tokens, out_dim) raw target features."""
         return self.encoder(x * self.src_scale) * self.tgt_scale[:, None]
+
+    def set_gluegen_scales(self, src_div=3.0):
+        """GlueGen's inference scales: the source / src_div, the output times its CLIP norms / 2."""
+        if self.cfg.num_tokens != len(GLUEGEN_CLIP_NORMS):
+            raise BadInput(f"GlueGen's CLIP norms are for {len(GLUEGEN_CLIP_NORMS)} tokens; this GlueNet "
+                           f"gives {self.cfg.num_tokens}")
+        with torch.no_grad():
+            self.src_scale.fill_(1.0 / src_div)
+            self.tgt_scale.copy_(torch.tensor(GLUEGEN_CLIP_NORMS) / 2)
+        return self
 
     @classmethod
     def from_gluegen(cls, path):
-        """Load a released GlueGen checkpoint (gluenet_<Language>_clip_overnorm_over3_noln.ckpt). GlueGen
-        saved only the encoder, torch.save(Translator_noln(77, 1024, 768, 2, 5).state_dict()), whose keys
-        equal our encoder's (blocks.N.net_tok|net_sen.K.*, tail.net_tok|net_sen.K.*), so the map is the
-        identity, checked strictly. Sizes are read from the file. The decoder and the discriminator are
-        not released: they keep their random init. Nor are the scales (GlueGen's scripts apply XLM-R / 3
-        and CLIP's per-position norm / 2): src_scale and tgt_scale stay 1 until set.
-        (The sound GlueNet, Translator_w_head, is a different architecture.)"""
+        """Load a released GlueGen checkpoint: the encoder alone, as GlueGen saved it with
+        torch.save(module.state_dict()). Multilingual (gluenet_<Language>_clip_overnorm_over3_noln.ckpt):
+        Translator_noln(77, 1024, 768, 2, 5), keys blocks.N.net_tok|net_sen.K.*, tail.*; sound:
+        Translator_w_head(16, 77, 64, 768, 4, 5), keys in_blocks.*, trans.*, out_blocks.*, tail_1|2.*. Both
+        equal our encoder's, so the map is the identity, checked strictly; sizes are read from the file.
+        The decoder and discriminator are not released (they keep their random init); the scales are
+        GlueGen's inference ones (multilingual: XLM-R / 3; sound: AudioCLIP as it is), output x norms / 2."""
         sd = load_weights(path)
-        need = ("blocks.0.net_tok.0.weight", "blocks.0.net_sen.0.weight", "tail.net_sen.4.weight")
-        if any(k not in sd for k in need):
-            raise BadInput(f"{path} is not a GlueGen GlueNet encoder (needs keys {need}); "
-                           f"first keys: {list(sd)[:5]}")
-        # (mult*T, T), (mult*C, C)
-        tok, sen = sd["blocks.0.net_tok.0.weight"], sd["blocks.0.net_sen.0.weight"]
-        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-        cfg = GlueNetConfig(num_tokens=tok.shape[1], in_dim=sen.shape[1],
-                            out_dim=sd["tail.net_sen.4.weight"].shape[0],
-                            mult=sen.shape[0] // sen.shape[1], depth=depth)
+        if "trans.net_tok.0.weight" in sd:  # the sound translator
+            tok, sen = sd["in_blocks.0.net_tok.0.weight"], sd["in_blocks.0.net_sen.0.weight"]
+            outs = {k.split(".")[1] for k in sd if k.startswith("out_blocks.")}
+            cfg = GlueNetConfig(num_tokens=sd["trans.net_tok.6.weight"].shape[0], in_dim=sen.shape[1],
+                                out_dim=sd["trans.net_sen.6.weight"].shape[0],
+                                mult=sen.shape[0] // sen.shape[1], depth=3 + len(outs),
+                                in_tokens=tok.shape[1])
+            src_div = 1.0
+        elif all(k in sd for k in ("blocks.0.net_tok.0.weight", "blocks.0.net_sen.0.weight",
+                                   "tail.net_sen.4.weight")):
+            tok, sen = sd["blocks.0.net_tok.0.weight"], sd["blocks.0.net_sen.0.weight"]  # (2T, T), (2C, C)
+            cfg = GlueNetConfig(num_tokens=tok.shape[1], in_dim=sen.shape[1],
+                                out_dim=sd["tail.net_sen.4.weight"].shape[0],
+                                mult=sen.shape[0] // sen.shape[1],
+                                depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}))
+            src_div = 3.0
+        else:
+            raise BadInput(f"{path} is not a GlueGen GlueNet encoder (neither the multilingual "
+                           f"Translator_noln keys blocks.*/tail.* nor the sound Translator_w_head keys "
+                           f"in_blocks.*/trans.*); first keys: {list(sd)[:5]}")
         model = cls(cfg)
         load_strict(model.encoder, sd, f"GlueGen encoder {path}")
-        return model
+        return model.set_gluegen_scales(src_div)
 
 
 class GradReverse(torch.autograd.Function):
@@ -239,13 +321,32 @@ def gluegen_token_weights(target):
     return w[None, :, None].to(target.dtype)  # (1, T, 1)
 
 
-def gluenet_losses(gluenet, disc, x, target, token_weight=None, lam=0.1, terms=("align", "rec", "adv")):
+def gluegen_targets(y, tgt_scale, token_weights="raw", disc_real="raw"):
+    """From raw target features y (B, T, C) and the per-token divisor tgt_scale (T,): (the normalised target
+    y / tgt_scale, the MSE's token weights (1, T, 1), the discriminator's real tokens). GlueGen computes the
+    weights from the raw CLIP features (token_weights "raw"; "normalised": from the target; "off": ones) and
+    gives the discriminator the raw ones in its multilingual script (disc_real "raw"), the normalised target
+    in its sound script ("normalised")."""
+    normed = y / tgt_scale[:, None]
+    weights = {"raw": lambda: gluegen_token_weights(y), "normalised": lambda: gluegen_token_weights(normed),
+               "off": lambda: y.new_ones(1, y.shape[1], 1)}
+    if token_weights not in weights or disc_real not in ("raw", "normalised"):
+        raise BadInput(f"token weights {token_weights!r} (raw, normalised, off), discriminator input "
+                       f"{disc_real!r} (raw, normalised)")
+    return normed, weights[token_weights](), y if disc_real == "raw" else normed
+
+
+def gluenet_losses(gluenet, disc, x, target, token_weight=None, lam=0.1, terms=("align", "rec", "adv"),
+                   real=None):
     """GlueGen's three losses, unweighted (combine with GLUEGEN_LOSS_WEIGHTS):
     align = mean(token_weight * (enc(x) - target)^2), rec = MSE(dec(enc(x)), x),
-    adv = NLL(disc(target), 0) + NLL(disc(enc(x)), 1), the encoder seeing the reversed gradient (times lam).
-    x: (B, T, in_dim) source-LM features as GlueGen scales them (XLM-R / 3);
-    target: (B, T, out_dim) target features (CLIP / (per-token norm / 2)); token_weight: (1, T, 1) or
-    None for gluegen_token_weights(target). A loss not named in terms is not computed (None)."""
+    adv = NLL(disc(real), 0) + NLL(disc(enc(x)), 1), the encoder seeing the reversed gradient (times lam).
+    x: (B, T_in, in_dim) source features as GlueGen scales them (XLM-R / 3);
+    target: (B, T, out_dim) target features (CLIP / (per-token norm / 2)); token_weight: (1, T, 1), or None
+    for gluegen_token_weights(target) (GlueGen computes them from the raw CLIP features: pass those);
+    real: the discriminator's "real" tokens (B, T, out_dim), None for target (GlueGen's multilingual script
+    gives it the raw CLIP features, its sound script the normalised target). A loss not named in terms is
+    not computed (None)."""
     unknown = set(terms) - {"align", "rec", "adv"}
     if unknown:
         raise BadInput(f"unknown GlueNet loss terms {sorted(unknown)} (align, rec, adv)")
@@ -258,7 +359,7 @@ def gluenet_losses(gluenet, disc, x, target, token_weight=None, lam=0.1, terms=(
     if "rec" in terms:
         rec = F.mse_loss(gluenet.decoder(y), x)  # decoder: (B, T, out_dim) -> (B, T, in_dim)
     if "adv" in terms:
-        logp_target = disc(target.detach(), lam)  # (B*T, 2)
+        logp_target = disc((target if real is None else real).detach(), lam)  # (B*T, 2)
         logp_ours = disc(y, lam)  # (B*T, 2)
         zeros = torch.zeros(logp_target.shape[0], dtype=torch.long, device=x.device)
         adv = F.nll_loss(logp_target, zeros) + F.nll_loss(logp_ours, zeros + 1)

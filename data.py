@@ -497,14 +497,19 @@ def _epoch_order(seed, epoch, n):
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def text_batch(pairs, step, batch_size, seed=0, caption_dropout=0.0):
-    """The (sources, targets) of a step: epochs of a seeded permutation by global sample index; a pair is
-    replaced by ("", "") with probability caption_dropout (so that the empty caption of CFG maps right
-    too)."""
-    out = []
+def text_batch(pairs, step, batch_size, seed=0, caption_dropout=0.0, drop_last=False, shuffle="epoch"):
+    """The (sources, targets) of batch `step`: epochs of a seeded permutation (shuffle "epoch": a new one
+    each epoch; "once": the first for every epoch, as GlueGen's loader), by global sample index, so that a
+    batch may straddle two epochs; drop_last: each epoch is len(pairs) // batch_size whole batches, the rest
+    of its order unused. A pair is replaced by ("", "") with probability caption_dropout (so that the empty
+    caption of CFG maps right too)."""
+    n, out = len(pairs), []
+    per_epoch = n // batch_size * batch_size if drop_last else n
+    if per_epoch == 0:
+        raise BadInput(f"{n} pairs make no whole batch of {batch_size}")
     for g in range(step * batch_size, (step + 1) * batch_size):
-        epoch, pos = divmod(g, len(pairs))
-        i = _epoch_order(seed, epoch, len(pairs))[pos]
+        epoch, pos = divmod(g, per_epoch)
+        i = _epoch_order(seed, epoch if shuffle == "epoch" else 0, n)[pos]
         drop = np.random.default_rng([seed, g, 2]).random() < caption_dropout
         out.append(("", "") if drop else pairs[i])
     return [s for s, _ in out], [t for _, t in out]

@@ -27,6 +27,7 @@ import sys
 import tarfile
 import time
 import warnings
+from types import SimpleNamespace
 
 from PIL import Image, ImageFilter
 from safetensors.torch import load_file, save_file
@@ -1393,7 +1394,6 @@ def test_llama_text_encoder_compiles_whole():
     """The Llama recipe (hidden_states[-1]) traces as one graph under torch.compile, from the very first call:
     transformers' hidden-state hooks are installed when the encoder is built, not under a lock in the step."""
     import torch._dynamo
-    from types import SimpleNamespace
     from transformers import LlamaConfig, LlamaModel
     torch.manual_seed(0)
     lm = LlamaModel(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -1925,7 +1925,7 @@ def gluegen_keys(depth):
 
 def test_gluenet_shapes_layout_and_from_gluegen(tmp_path):
     torch.manual_seed(0)
-    cfg = adapter.GlueNetConfig(num_tokens=16, in_dim=48, out_dim=24, depth=2)
+    cfg = adapter.GlueNetConfig(num_tokens=77, in_dim=48, out_dim=24, depth=2)
     g = adapter.GlueNet(cfg)
     assert set(g.encoder.state_dict()) == gluegen_keys(2)
     with torch.device("meta"):
@@ -1934,16 +1934,19 @@ def test_gluenet_shapes_layout_and_from_gluegen(tmp_path):
     assert full.encoder.blocks[0].net_tok[0].weight.shape == (154, 77)
     assert full.encoder.blocks[0].net_sen[3].weight.shape == (2048, 2048)
     assert full.encoder.tail.net_sen[4].weight.shape == (768, 2048)
-    x = torch.randn(3, 16, 48)
+    x = torch.randn(3, 77, 48)
     y = g(x)
-    assert y.shape == (3, 16, 24) and g.decoder(y).shape == (3, 16, 48)
-    with pytest.raises(ValueError, match="exactly 16 tokens"):
+    assert y.shape == (3, 77, 24) and g.decoder(y).shape == (3, 77, 48)
+    with pytest.raises(ValueError, match="exactly 77 tokens"):
         g(torch.randn(1, 15, 48))
-    # a released checkpoint is torch.save(encoder.state_dict())
+    # a released checkpoint is torch.save(encoder.state_dict()); it samples with GlueGen's inference scales:
+    # the source / 3 in, the output times its CLIP norms / 2 (modules.py:314)
     torch.save(g.encoder.state_dict(), tmp_path / "gluenet.ckpt")
     h = adapter.GlueNet.from_gluegen(str(tmp_path / "gluenet.ckpt"))
     assert h.cfg == cfg
-    assert torch.equal(h(x), y)
+    norms = torch.tensor(adapter.GLUEGEN_CLIP_NORMS)
+    assert norms.shape == (77,) and norms[0] == 43.8203 and abs(norms.mean().item() - 28.506) < 1e-3
+    assert torch.allclose(h(x), g.encoder(x / 3) * (norms / 2)[:, None], rtol=1e-6, atol=1e-6)
     sd = dict(g.encoder.state_dict())
     sd["blocks.0.net_tok.2.weight"] = torch.zeros(1)  # GELU holds no weights
     torch.save(sd, tmp_path / "bad.ckpt")
@@ -1952,6 +1955,78 @@ def test_gluenet_shapes_layout_and_from_gluegen(tmp_path):
     torch.save({"foo": torch.zeros(1)}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not a GlueGen"):
         adapter.GlueNet.from_gluegen(str(tmp_path / "other.ckpt"))
+
+
+def _ref_mlp(d, hidden, out, ln, gelu_out=False):
+    """GlueGen's Sequential: Linear, (LN), GELU, Linear, (LN), GELU, Linear, (LN) (+ GELU: its no-LN
+    tails)."""
+    norm = (lambda n: [nn.LayerNorm(n)]) if ln else (lambda n: [])
+    layers = [nn.Linear(d, hidden), *norm(hidden), nn.GELU(), nn.Linear(hidden, hidden), *norm(hidden),
+              nn.GELU(), nn.Linear(hidden, out), *norm(out)]
+    return nn.Sequential(*layers, *([nn.GELU()] if gelu_out else []))
+
+
+class RefTokDim(nn.Module):
+    """GlueGen's translator_base (residual) and translator_tok_dim (no residual), from its translators.py."""
+
+    def __init__(self, tok, tok_out, dim, dim_out, mult, ln=True, residual=False):
+        super().__init__()
+        self.residual = residual
+        self.net_tok = _ref_mlp(tok, tok * mult, tok_out, ln)
+        self.net_sen = _ref_mlp(dim, dim * mult, dim_out, ln, gelu_out=not ln)
+
+    def forward(self, x):
+        y = self.net_sen(x) + (x if self.residual else 0)
+        y = y.transpose(1, 2)
+        return (self.net_tok(y) + (y if self.residual else 0)).transpose(1, 2)
+
+
+class RefTranslatorWHead(nn.Module):
+    """GlueGen's Translator_w_head (the sound GlueNet), its forward as translators.py:322-356 writes it."""
+
+    def __init__(self, tok, tok_out, dim, dim_out, mult=4, depth=5):
+        super().__init__()
+        self.trans = RefTokDim(tok, tok_out, dim, dim_out, mult)
+        self.tail_1 = RefTokDim(tok_out, tok_out, dim_out, dim_out, mult, ln=False)
+        self.tail_2 = RefTokDim(tok_out, tok_out, dim_out, dim_out, mult, ln=False)
+        self.in_blocks = nn.ModuleList([RefTokDim(tok, tok, dim, dim, mult, residual=True) for _ in range(3)])
+        self.out_blocks = nn.ModuleList([RefTokDim(tok_out, tok_out, dim_out, dim_out, mult, residual=True)
+                                         for _ in range(depth - 3)])
+
+    def forward(self, x):
+        for b in self.in_blocks:
+            x = torch.nn.functional.gelu(b(x) + x)
+        x = self.trans(x)
+        for b in self.out_blocks:
+            x = torch.nn.functional.gelu(b(x) + x)
+        return self.tail_2(self.tail_1(x) + x)
+
+
+def test_sound_gluenet_is_gluegens_translator_w_head(tmp_path):
+    """The head translator has Translator_w_head's keys, shapes and parameter count (57,865,983 at the
+    released 16 -> 77 tokens, 64 -> 768, mult 4, depth 5; its decoder 55,523,329); a released sound GlueNet
+    (its encoder's state dict) loads by from_gluegen and maps as GlueGen's forward, times the CLIP norms / 2
+    (modules.py:341; AudioCLIP's embedding goes in unscaled)."""
+    with torch.device("meta"):
+        full_ref, full = RefTranslatorWHead(16, 77, 64, 768), adapter.GlueNet(adapter.GlueNetConfig(
+            77, 64, 768, mult=4, depth=5, in_tokens=16))
+    assert {k: v.shape for k, v in full.encoder.state_dict().items()} == \
+        {k: v.shape for k, v in full_ref.state_dict().items()}
+    assert sum(p.numel() for p in full.encoder.parameters()) == 57_865_983
+    assert sum(p.numel() for p in full.decoder.parameters()) == 55_523_329
+    torch.manual_seed(0)
+    ref = RefTranslatorWHead(6, 77, 8, 12, mult=4, depth=4).eval()
+    _randomise(ref, torch.Generator().manual_seed(1), 0.1)
+    torch.save(ref.state_dict(), tmp_path / "sound.ckpt")
+    g = adapter.GlueNet.from_gluegen(str(tmp_path / "sound.ckpt"))
+    assert (g.cfg.in_tokens, g.cfg.num_tokens, g.cfg.in_dim, g.cfg.out_dim, g.cfg.mult, g.cfg.depth) == \
+        (6, 77, 8, 12, 4, 4)
+    x = torch.randn(2, 6, 8)
+    want = ref(x) * (torch.tensor(adapter.GLUEGEN_CLIP_NORMS) / 2)[:, None]
+    assert torch.allclose(g(x), want, rtol=1e-5, atol=1e-6)
+    assert g.decoder(g.encoder(x)).shape == (2, 6, 8)
+    with pytest.raises(ValueError, match="exactly 6 tokens"):
+        g(torch.randn(2, 7, 8))
 
 
 def test_gluenet_losses_decrease(one_thread):
@@ -1979,6 +2054,42 @@ def test_gluenet_losses_decrease(one_thread):
     last = (align.item(), rec.item(), adv.item())
     print('gluenet losses first', first, 'last', last)
     assert all(l < f for l, f in zip(last, first)), (first, last)
+
+
+def test_gluegen_targets_token_weights_and_discriminator_input():
+    """GlueGen's token weights from the RAW target features (train_gluenet_multi.py:258-262: batch mean m,
+    d_i = mean_c |m_i - m_last|, w = d / mean(d), w_last = (w_-2 + w_-3) / 2), not from the normalised ones;
+    the discriminator's real tokens are the raw features (multilingual) or the normalised target (sound),
+    and gluenet_losses gives the discriminator exactly those."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(4, 6, 8, generator=g) + torch.arange(6.0)[None, :, None]  # (B, T, C)
+    scale = torch.rand(6, generator=g) + 0.5  # (T,), far from uniform
+    normed, w, real = adapter.gluegen_targets(y, scale, "raw", "raw")
+    m = y.mean(0)
+    d = (m - m[-1]).abs().mean(1)
+    want = d / d.mean()
+    want[-1] = (want[-2] + want[-3]) / 2
+    assert torch.allclose(w[0, :, 0], want) and w.shape == (1, 6, 1)
+    assert torch.allclose(normed, y / scale[:, None]) and real is y
+    w_norm = adapter.gluegen_targets(y, scale, "normalised", "normalised")
+    assert not torch.allclose(w_norm[1], w) and w_norm[2] is w_norm[0]
+    assert torch.equal(adapter.gluegen_targets(y, scale, "off")[1], torch.ones(1, 6, 1))
+    with pytest.raises(ValueError, match="token weights"):
+        adapter.gluegen_targets(y, scale, "yes")
+
+    seen = []
+
+    class Spy(nn.Module):
+        def forward(self, x, lam):
+            seen.append(x.detach().clone())
+            return torch.log_softmax(x.reshape(-1, x.shape[-1])[:, :2], dim=1)
+    glue = adapter.GlueNet(adapter.GlueNetConfig(6, 5, 8, depth=1))
+    x = torch.randn(4, 6, 5, generator=g)
+    adapter.gluenet_losses(glue, Spy(), x, normed, w, terms=("adv",), real=y)
+    assert torch.equal(seen[0], y) and seen[1].shape == y.shape
+    seen.clear()
+    adapter.gluenet_losses(glue, Spy(), x, normed, w, terms=("adv",))
+    assert torch.equal(seen[0], normed)  # no real given: the target
 
 
 def test_grad_reverse():
@@ -4043,6 +4154,100 @@ def test_gluenet_run_writes_a_bridge_sample_loads(words_base, tmp_path, capsys):
     with pytest.raises(model_io.BadInput, match="every GlueNet loss is off"):
         train.main(small_args(words_base, tmp_path / "b", method="gluenet", lm="native", loss_align=0.0,
                               loss_rec=0.0, loss_adv=0.0))
+
+
+def test_gluegen_recipe_is_the_gluenet_default(words_base, tmp_path, capsys):
+    """--method gluenet trains with GlueGen's optimisation unless told otherwise (train_gluenet_multi.py):
+    Adam 1e-4 (not AdamW), no weight decay, warm-up or clipping, StepLR x0.5 each epoch, 4 epochs of
+    drop_last batches of 32 in one order shuffled once; an explicit --steps counts instead of the epochs."""
+    p = train.get_parser()
+    a = train.resolve_args(p.parse_args(["--method", "gluenet", "--lm", "xlm-roberta-large", "--vision",
+                                         "sd15"]))
+    assert (a.optimizer, a.lr_adapter, a.weight_decay, a.warmup, a.grad_clip, a.batch_size, a.epochs,
+            a.lr_decay, a.lr_decay_every, a.drop_last, a.shuffle, a.token_weights, a.disc_real) == \
+        ("adam", 1e-4, 0.0, 0, 0.0, 32, 4, 0.5, 1, True, "once", "raw", "raw")
+    assert train.resolve_args(p.parse_args(["--method", "gluenet", "--lm", "x", "--steps", "9"])).epochs == 0
+    assert train.resolve_args(p.parse_args(["--method", "lavi", "--lm", "x"])).optimizer == "adamw"
+    # StepLR by epoch: 20 pairs, batches of 8, drop_last: 2 steps an epoch
+    e = SimpleNamespace(epoch_size=20, grad_accum=1, batch_size=8, drop_last=True)
+    assert [train.epoch_at(s, e) for s in range(6)] == [0, 0, 1, 1, 2, 2]
+    assert [train.lr_at(s, 1e-4, 0, 0.5, train.epoch_at(s, e)) for s in (0, 2, 4)] == [1e-4, 5e-5, 2.5e-5]
+    # one order for every epoch, whole batches only
+    pairs = [(str(i), str(i)) for i in range(20)]
+    first = [data.text_batch(pairs, b, 8, 3, drop_last=True, shuffle="once")[0] for b in range(4)]
+    assert first[:2] == first[2:] and len(set(sum(first[:2], []))) == 16
+    other = [data.text_batch(pairs, b, 8, 3, drop_last=True, shuffle="epoch")[0] for b in range(4)]
+    assert other[:2] != other[2:]
+    with pytest.raises(model_io.BadInput, match="no whole batch"):
+        data.text_batch(pairs[:3], 0, 8, drop_last=True)
+    caps = tmp_path / "caps.txt"
+    caps.write_text("\n".join(shapes.all_captions("train")[:20]) + "\n")
+    args = small_args(words_base, tmp_path / "g", method="gluenet", lm="native", glue_depth=1, data=str(caps),
+                      steps=None, batch_size=8, log_every=1, save_every=100)
+    for k in ("warmup", "preset"):
+        setattr(args, k, None)
+    res = train.main(args)
+    assert [s for s, _ in res.history] == list(range(1, 9))  # 4 epochs x 2 batches
+    _, opt, _, step, targs = model.read_checkpoint(str(tmp_path / "g" / "ckpt.safetensors"))
+    group = opt["param_groups"][0]
+    assert step == 8 and group["lr"] == pytest.approx(1e-4 * 0.5 ** 3) and group["weight_decay"] == 0
+    assert group.get("decoupled_weight_decay", False) is False  # Adam, not AdamW
+    assert targs["optimizer"] == "adam" and targs["grad_clip"] == 0
+
+
+def _tiny_lm(folder, kind, width=64):
+    """A tiny random transformers model with a word-level tokenizer: "clip" (CLIPTextModel) or "xlmr"
+    (XLMRobertaModel)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, XLMRobertaConfig, XLMRobertaModel
+    if kind == "clip":
+        vocab = _tokenizer(folder, ["<|startoftext|>", "<|endoftext|>"], "<|startoftext|> $A <|endoftext|>",
+                           bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                           unk_token="<|endoftext|>")
+        m = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=width,
+                                         intermediate_size=2 * width, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
+                                         eos_token_id=1, pad_token_id=1))
+    else:
+        vocab = _tokenizer(folder, ["<s>", "<pad>", "</s>", "<unk>"], "<s> $A </s>", bos_token="<s>",
+                           eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+        m = XLMRobertaModel(XLMRobertaConfig(vocab_size=len(vocab), hidden_size=width,
+                                             intermediate_size=2 * width, num_hidden_layers=1,
+                                             num_attention_heads=2, max_position_embeddings=90,
+                                             pad_token_id=1, bos_token_id=0, eos_token_id=2))
+    m.save_pretrained(folder)
+    return m.eval()
+
+
+def test_gluegen_norms_constant_and_xlmr_mask(words_base, tmp_path, capsys):
+    """GlueGen's 77 CLIP norms: --target-norms auto takes them for CLIP ViT-L's 77 x 768 features (else
+    it estimates), gluegen insists on 77 tokens, and a run that uses them trains onto CLIP / (norm / 2)
+    with tgt_scale = norm / 2 in the checkpoint. XLM-R's features reach GlueNet as GlueGen takes them: 77
+    tokens padded, the attention mask passed to XLM-R (train_gluenet_multi.py:242-245), divided by 3."""
+    fake = lambda t, w: SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(model_type=t)), width=w)
+    a = SimpleNamespace(target_norms="auto")
+    assert train.target_norms(a, fake("clip_text_model", 768), 77) == "gluegen"
+    assert train.target_norms(a, fake("clip_text_model", 64), 77) == "estimate"
+    assert train.target_norms(a, fake("t5", 768), 77) == "estimate"
+    with pytest.raises(model_io.BadInput, match="for 77 CLIP tokens; the target gives 16"):
+        train.target_norms(SimpleNamespace(target_norms="gluegen"), fake("clip", 768), 16)
+    clip = str(tmp_path / "clip")
+    _tiny_lm(clip, "clip")
+    res = train.main(small_args(words_base, tmp_path / "g", method="gluenet", lm=clip, native=clip,
+                                glue_depth=1, steps=2, batch_size=4, target_norms="gluegen"))
+    w, _, cfg, _, _ = model.read_checkpoint(str(tmp_path / "g" / "ckpt.safetensors"))
+    assert cfg.max_length == 77
+    assert torch.equal(w["adapter.tgt_scale"], torch.tensor(adapter.GLUEGEN_CLIP_NORMS) / 2)
+    assert torch.equal(res.bridge.adapter.tgt_scale, w["adapter.tgt_scale"])
+    xlmr_dir = str(tmp_path / "xlmr")
+    xlmr = _tiny_lm(xlmr_dir, "xlmr")
+    enc = model.TextEncoder.load(xlmr_dir)
+    ids, mask = enc.tokenize(["a red circle", "two big blue squares left of a triangle"])
+    assert ids.shape == (2, 77) and mask[0].sum() == 5 and (ids[0, 5:] == 1).all()
+    h, _ = enc(ids, mask)
+    with torch.no_grad():
+        want = xlmr(input_ids=ids, attention_mask=mask).last_hidden_state
+        unmasked = xlmr(input_ids=ids).last_hidden_state
+    assert torch.equal(h, want) and not torch.allclose(h, unmasked, atol=1e-3)
 
 
 def test_align_then_lavi_init_from(words_base, tmp_path, capsys):

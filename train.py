@@ -31,7 +31,7 @@ from tqdm import tqdm
 import cpu
 import data
 import shapes
-from adapter import GLUEGEN_LOSS_WEIGHTS, alignment_loss, gluenet_losses
+from adapter import GLUEGEN_CLIP_NORMS, GLUEGEN_LOSS_WEIGHTS, alignment_loss, gluegen_targets, gluenet_losses
 from lora import lora_parameters
 from model import (DTYPES, BridgeConfig, build_bridge, device_and_dtype, export_release, init_trainable,
                    is_shapes, load_native_encoder, load_trainable, native_bridge, read_checkpoint, read_log,
@@ -46,17 +46,27 @@ DEFAULTS = dict(
     method="lavi", lm="t5-large", vision="sd14", adapter="text", adapter_mid=0, adapter_dropout=0.1,
     lora_rank=32, lora_lm=True, lora_vision=True, lora_dropout=0.1, max_length=0,
     data="shapes", size=512, flip=True, latent_cache="", num_workers=2,
-    steps=1000, batch_size=1, grad_accum=1, lr_vision=1e-4, lr_lm=5e-6, lr_adapter=1e-4, weight_decay=1e-2,
-    warmup=0, grad_clip=1.0, caption_dropout=0.0, ema=0.0,
+    steps=1000, epochs=0, batch_size=1, grad_accum=1, lr_vision=1e-4, lr_lm=5e-6, lr_adapter=1e-4,
+    optimizer="adamw", weight_decay=1e-2, warmup=0, lr_decay=1.0, lr_decay_every=1, grad_clip=1.0,
+    caption_dropout=0.0, ema=0.0, shuffle="epoch", drop_last=False,
     dtype="fp32", lm_dtype="", compile=False, grad_checkpointing=False, cpu_layout=False, device="", seed=0,
     out="out/bridge", resume=False, overwrite=False, init_from="", export_release="", log_every=10,
-    save_every=500, sample_every=0, sample_prompts="a photo of a cat|a red car in the snow", eval=False, eval_n=48,
+    save_every=500, sample_every=0, sample_prompts="a photo of a cat|a red car in the snow", eval=False,
+    eval_n=48,
     eval_sets="seen,unseen,paraphrase",
     # text-only methods (gluenet, align): GlueGen's loss weights and scales, the staged recipe's stage-1 loss
     native="", loss_align=GLUEGEN_LOSS_WEIGHTS["align"], loss_rec=GLUEGEN_LOSS_WEIGHTS["rec"],
-    loss_adv=GLUEGEN_LOSS_WEIGHTS["adv"], token_weights=True, adv_lambda=0.1, src_div=3.0, glue_depth=5,
-    glue_mult=2, align_loss="cosine",
+    loss_adv=GLUEGEN_LOSS_WEIGHTS["adv"], token_weights="raw", disc_real="raw", target_norms="auto",
+    adv_lambda=0.1, src_div=3.0, glue_depth=5, glue_mult=2, align_loss="cosine",
 )
+# --method gluenet's own defaults, under a preset and the flags: GlueGen's multilingual recipe
+# (train_gluenet_multi.py): Adam 1e-4, no weight decay, no warm-up, no clipping, StepLR x0.5 every epoch,
+# 4 epochs of batches of 32 (drop_last) in one order shuffled once, token weights from the raw CLIP features,
+# the raw CLIP features as the discriminator's real input
+GLUEGEN = dict(optimizer="adam", lr_adapter=1e-4, weight_decay=0.0, warmup=0, grad_clip=0.0, batch_size=32,
+               epochs=4, lr_decay=0.5, lr_decay_every=1, drop_last=True, shuffle="once", caption_dropout=0.0,
+               token_weights="raw", disc_real="raw")
+METHOD_DEFAULTS = {"gluenet": GLUEGEN}
 SHAPES_DATA = dict(vision="shapes", data="shapes", size=32, batch_size=32, caption_dropout=0.1, log_every=10,
                    eval=True)
 PRESETS = {
@@ -74,9 +84,11 @@ PRESETS = {
                         save_every=250),
     # text-only bridges into the shapes base model: captions of the training grammar, no images;
     # GlueGen's losses without its token weights (the README has the measurement)
-    "shapes-gluenet": dict(SHAPES_DATA, method="gluenet", lm="minilm", steps=2000, max_length=16,
-                           glue_depth=2, lora_rank=0, lr_adapter=1e-3, warmup=50, token_weights=False,
-                           out="out/shapes-gluenet", save_every=500),
+    "shapes-gluenet": dict(SHAPES_DATA, method="gluenet", lm="minilm", steps=2000, epochs=0, max_length=16,
+                           glue_depth=2, lora_rank=0, optimizer="adamw", lr_adapter=1e-3, weight_decay=1e-2,
+                           warmup=50, lr_decay=1.0, grad_clip=1.0, shuffle="epoch", drop_last=False,
+                           token_weights="off", disc_real="normalised", out="out/shapes-gluenet",
+                           save_every=500),
     "shapes-align": dict(SHAPES_DATA, method="align", lm="minilm", steps=500, max_length=16, lora_rank=0,
                          lr_adapter=1e-3, warmup=50, out="out/shapes-align", save_every=100),
 }
@@ -100,7 +112,10 @@ def resolve_args(args):
     preset = args.preset or ("" if real else "shapes")
     p = dict(PRESETS[preset]) if preset else release_preset(given.get("lm", DEFAULTS["lm"]),
                                                             given.get("vision", DEFAULTS["vision"]))
-    return argparse.Namespace(**{**DEFAULTS, **p, **given, "preset": preset})
+    method = dict(METHOD_DEFAULTS.get(given.get("method", p.get("method", DEFAULTS["method"])), {}))
+    if "steps" in {**p, **given} and "epochs" not in {**p, **given}:
+        method.pop("epochs", None)  # --steps counts, not the recipe's epochs
+    return argparse.Namespace(**{**DEFAULTS, **method, **p, **given, "preset": preset})
 
 
 def resume_mode(s):
@@ -111,12 +126,13 @@ def resume_mode(s):
 # the ranges check_args enforces: flag -> (lowest, highest or None)
 INT_RANGES = dict(steps=(1, None), batch_size=(1, None), grad_accum=(1, None), log_every=(1, None),
                   save_every=(1, None), sample_every=(0, None), eval_n=(1, None), num_workers=(0, None),
+                  epochs=(0, None), lr_decay_every=(1, None),
                   warmup=(0, None), lora_rank=(0, None), max_length=(0, None), adapter_mid=(0, None),
                   glue_depth=(1, None), glue_mult=(1, None), size=(8, 4096))
 FLOAT_RANGES = dict(lr_vision=(0, None), lr_lm=(0, None), lr_adapter=(0, None), weight_decay=(0, None),
                     grad_clip=(0, None), loss_align=(0, None), loss_rec=(0, None), loss_adv=(0, None),
                     adv_lambda=(0, None), src_div=(1e-12, None), ema=(0, 0.9999), adapter_dropout=(0, 0.99),
-                    lora_dropout=(0, 0.99), caption_dropout=(0, 1))
+                    lora_dropout=(0, 0.99), caption_dropout=(0, 1), lr_decay=(1e-12, 1))
 # what a resumed run must share with its checkpoint (else --resume force)
 SAME_ON_RESUME = ("method", "lm", "vision", "adapter", "adapter_mid", "lora_rank", "lora_lm", "lora_vision",
                   "max_length", "glue_depth", "glue_mult", "native")
@@ -131,6 +147,10 @@ def check_args(args):
             raise BadInput(f"--{k.replace('_', '-')} {v}: must be {bound}")
     if args.size % 8:
         raise BadInput(f"--size {args.size}: must be a multiple of 8 (the VAE's factor)")
+    per_epoch = ("epochs", "lr_decay", "shuffle", "drop_last")
+    if args.method not in TEXT_ONLY and [k for k in per_epoch if getattr(args, k) != DEFAULTS[k]]:
+        raise BadInput("--epochs, --lr-decay, --shuffle and --drop-last count epochs of caption pairs: "
+                       "the text-only methods (gluenet, align) only")
     if args.eval:
         unknown = [s for s in eval_sets(args) if s not in shapes.EVAL_SETS]
         if unknown or not eval_sets(args):
@@ -246,13 +266,25 @@ def get_parser():
     p.add_argument("--num-workers", type=int, help="data-loader workers per rank")
     # optimisation
     p.add_argument("--steps", type=int, help="optimiser steps")
+    p.add_argument("--epochs", type=int,
+                   help="text-only methods: train this many epochs of the pairs instead (0: --steps)")
     p.add_argument("--batch-size", type=int, help="images (or captions) per rank per micro-step")
     p.add_argument("--grad-accum", type=int, help="micro-steps per optimiser step")
     p.add_argument("--lr-vision", type=float, help="LR of the vision LoRA (base: of the whole base model)")
     p.add_argument("--lr-lm", type=float, help="LR of the LM LoRA")
     p.add_argument("--lr-adapter", type=float, help="LR of the adapter (base: of the word encoder)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    p.add_argument("--optimizer", choices=["adamw", "adam"],
+                   help="AdamW (decoupled weight decay; the LaVi-Bridge releases) or Adam (GlueGen)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (Adam: L2 in the gradient)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps, then constant (0: flat, the release's)")
+    p.add_argument("--lr-decay", type=float,
+                   help="text-only methods: the LR times this every --lr-decay-every epochs (StepLR; 1: off)")
+    p.add_argument("--lr-decay-every", type=int, help="epochs between LR decays")
+    p.add_argument("--shuffle", choices=["epoch", "once"],
+                   help="text-only methods: a new order of the pairs each epoch, or one order for all "
+                        "(GlueGen)")
+    p.add_argument("--drop-last", type=b,
+                   help="text-only methods: epochs of whole batches, the remainder dropped (GlueGen)")
     p.add_argument("--grad-clip", type=float, help="gradient-norm clip (0: off)")
     p.add_argument("--caption-dropout", type=float, help="probability of an empty caption (for CFG)")
     p.add_argument("--ema", type=float, help="EMA decay of the trainable weights (0: off)")
@@ -295,8 +327,15 @@ def get_parser():
                    help="gluenet: weight of the reconstruction MSE (0: off; GlueGen 1e4)")
     p.add_argument("--loss-adv", type=float,
                    help="gluenet: weight of the adversarial NLL (0: off; GlueGen 0.1)")
-    p.add_argument("--token-weights", type=b,
-                   help="gluenet: GlueGen's per-token weights in the MSE (false: uniform)")
+    p.add_argument("--token-weights", choices=["raw", "normalised", "off"],
+                   help="gluenet: GlueGen's per-token weights of the MSE, from the raw target features "
+                        "(GlueGen), from the normalised ones, or off (uniform)")
+    p.add_argument("--disc-real", choices=["raw", "normalised"],
+                   help="gluenet: the discriminator's real tokens: the raw target features (GlueGen's "
+                        "multilingual script) or the normalised ones (its sound script)")
+    p.add_argument("--target-norms", choices=["auto", "gluegen", "estimate"],
+                   help="gluenet: the per-token target divisor is half of GlueGen's 77 CLIP norms, or half "
+                        "the mean norms of 512 target captions (auto: GlueGen's for SD 1.x's CLIP ViT-L)")
     p.add_argument("--adv-lambda", type=float, help="gluenet: gradient-reversal factor (GlueGen 0.1)")
     p.add_argument("--src-div", type=float, help="gluenet: the LM's features are divided by this (GlueGen 3)")
     p.add_argument("--glue-depth", type=int, help="gluenet: mixer blocks (GlueGen 5)")
@@ -428,9 +467,19 @@ def say(env, msg):
 # the steps: what each method computes from its data. step(step, micro) -> (loss, {name: loss term})
 
 
-def lr_at(step, base_lr, warmup):
-    """Linear warm-up then constant."""
-    return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
+def lr_at(step, base_lr, warmup, decay=1.0, epoch=0, every=1):
+    """Linear warm-up then constant, times decay every `every` epochs (StepLR)."""
+    lr = base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
+    return lr * decay ** (epoch // every)
+
+
+def epoch_at(step, args):
+    """The epoch of the pairs that optimiser step `step` is in (text-only methods; 0 for the others)."""
+    n = getattr(args, "epoch_size", 0)
+    if not n:
+        return 0
+    micro = step * args.grad_accum  # the first micro-batch of the step
+    return micro // (n // args.batch_size) if args.drop_last else micro * args.batch_size // n
 
 
 def sample_draws(seed, g, caption_dropout, num_train_timesteps=1000):
@@ -518,6 +567,19 @@ def target_scale(native, pairs, n, device, dtype, count=512, batch=64):
     return torch.where(scale > 1e-6, scale, torch.ones_like(scale))
 
 
+def target_norms(args, native, n):
+    """--target-norms resolved: "gluegen" (its 77 constants) or "estimate"; auto is GlueGen's for the target
+    it measured them on, CLIP ViT-L's 77 x 768 last hidden state (SD 1.x's text encoder)."""
+    if args.target_norms != "auto":
+        if args.target_norms == "gluegen" and n != len(GLUEGEN_CLIP_NORMS):
+            raise BadInput(f"--target-norms gluegen: GlueGen's norms are for {len(GLUEGEN_CLIP_NORMS)} CLIP "
+                           f"tokens; the target gives {n}")
+        return args.target_norms
+    model_type = getattr(getattr(getattr(native, "model", None), "config", None), "model_type", None)
+    clip_l = model_type in ("clip", "clip_text_model") and native.width == 768
+    return "gluegen" if clip_l and n == len(GLUEGEN_CLIP_NORMS) else "estimate"
+
+
 def text_only_step(args, env, bridge, native, pairs, fresh):
     """gluenet | align: the LM's features of a caption -> the native encoder's features of the same caption
     (or of its translation), no images, the vision model untouched. gluenet: GlueGen's GlueNet, losses
@@ -533,7 +595,10 @@ def text_only_step(args, env, bridge, native, pairs, fresh):
     if glue and fresh:  # GlueGen's fixed normalisations, kept in the adapter's buffers
         with torch.no_grad():
             adapter.src_scale.fill_(1.0 / args.src_div)
-            adapter.tgt_scale.copy_(target_scale(native, pairs, n, dev, wdtype))
+            if target_norms(args, native, n) == "gluegen":
+                adapter.tgt_scale.copy_(torch.tensor(GLUEGEN_CLIP_NORMS) / 2)
+            else:
+                adapter.tgt_scale.copy_(target_scale(native, pairs, n, dev, wdtype))
 
     @torch.no_grad()
     def encode_source(captions):
@@ -546,15 +611,15 @@ def text_only_step(args, env, bridge, native, pairs, fresh):
 
     def step(step, micro):
         sources, targets = data.text_batch(pairs, step * args.grad_accum + micro, args.batch_size, args.seed,
-                                           args.caption_dropout)
+                                           args.caption_dropout, args.drop_last, args.shuffle)
         h, smask = source(sources)  # (B, T_lm, D_lm), (B, T_lm): the tokens the vision model would see
         y, ymask = target(targets)  # (B, n, D_native), (B, n)
         with env.autocast:
             if glue:
-                tw = None if args.token_weights else torch.ones(1, n, 1, device=dev, dtype=wdtype)
+                normed, tw, real = gluegen_targets(y, adapter.tgt_scale, args.token_weights, args.disc_real)
                 parts = dict(zip(("align", "rec", "adv"), gluenet_losses(
-                    adapter, adapter.disc, h * adapter.src_scale, y / adapter.tgt_scale[:, None], tw,
-                    lam=args.adv_lambda, terms=terms)))
+                    adapter, adapter.disc, h * adapter.src_scale, normed, tw, lam=args.adv_lambda,
+                    terms=terms, real=real)))
                 parts = {k: v for k, v in parts.items() if v is not None}
                 return sum(getattr(args, f"loss_{k}") * v for k, v in parts.items()), parts
             pred = fit_tokens(adapter(h), n)  # (B, n, D_native)
@@ -600,7 +665,8 @@ def train_loop(args, env, raw, model, optimizer, step_fn, start, ema, log, save,
     t0, seen = time.time(), 0
     for step in pbar:
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, g["base_lr"], args.warmup)
+            g["lr"] = lr_at(step, g["base_lr"], args.warmup, args.lr_decay, epoch_at(step, args),
+                            args.lr_decay_every)
         # dropout masks: a function of the step (and rank), so that a resumed run equals a straight one
         torch.manual_seed(args.seed + 7919 * (step * env.world + env.rank))
         micro_losses = []
@@ -721,6 +787,15 @@ def main(args):
     check_checkpoint(args)
     # the data, indexed before any model loads (a missing file or no usable line stops here)
     pairs = data.text_pairs(args.data) if text_only else None
+    if text_only:
+        args.epoch_size, per_step = len(pairs), args.batch_size * args.grad_accum
+        if args.drop_last and len(pairs) < per_step:
+            raise BadInput(f"{args.data}: {len(pairs)} pairs, fewer than one step's {per_step} "
+                           f"(--batch-size x --grad-accum) with --drop-last")
+        if args.epochs:  # whole batches (drop_last), else the last batch runs into the next epoch
+            b = args.batch_size
+            batches = len(pairs) // b if args.drop_last else math.ceil(len(pairs) / b)
+            args.steps = max(1, args.epochs * batches // args.grad_accum)
     dataset = data.open_dataset(args.data, args.size, args.flip) if not text_only and args.data != "shapes" \
         else None
     with out_lock(args.out, int(os.environ.get("RANK", 0)) == 0):
@@ -742,8 +817,9 @@ def train(args, pairs, dataset):
     if text_only:
         check_native(native, raw)
     groups = param_groups(raw, args)
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups],
-                                  betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    opt = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
+    optimizer = opt([{k: v for k, v in g.items() if k != "name"} for g in groups], betas=(0.9, 0.999),
+                    eps=1e-8, weight_decay=args.weight_decay)
     start, ema, log, loaded = restore(args, env, raw, optimizer)
     n_train = sum(p.numel() for g in groups for p in g["params"])
     n_all = sum(p.numel() for p in raw.parameters())
