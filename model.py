@@ -396,6 +396,10 @@ class Sampling:
 RELEASE_SAMPLING = Sampling("unipc", 50, 7.5, ", best quality, extremely detailed, 4k resolution",
                             (("final_sigmas_type", "sigma_min"),))
 SHAPES_SAMPLING = Sampling("ddim", shapes.STEPS, shapes.GUIDANCE)
+# GlueGen's demos on SD v1.5 (CompVis samplers): the multilingual one PLMS (= PNDM without its Runge-Kutta
+# start, as SD's scheduler config has it), the sound one DDIM (eta 0; its script forces it); 50 steps, CFG 7.5
+GLUEGEN_SAMPLING = Sampling("pndm", 50, 7.5, "", (("skip_prk_steps", True),))
+GLUEGEN_SOUND_SAMPLING = Sampling("ddim", 50, 7.5)
 
 
 def upcast(x):
@@ -530,13 +534,14 @@ class Bridge(nn.Module):
 # building a bridge from its config
 
 
-def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dtype=None):
+def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dtype=None, adapter=None):
     """Load the frozen text encoder and vision model, add the adapter and LoRA as cfg says. cfg.lm "native" is
     the vision model's own text encoder (CLIP for SD, T5 for PixArt, LDMBert for LDM, the word encoder of
     the shapes world). pretrained=False: the shapes base model freshly initialised (method base).
     lm_dtype: the LM's weights, LoRA and activations in that dtype (its hidden states leave it in fp32). None:
     the release's sampling recipe: where it ran the LM in fp16 (Llama-2), in fp16 on CUDA, and elsewhere in
-    `dtype` on weights rounded through fp16; any other LM in `dtype`."""
+    `dtype` on weights rounded through fp16; any other LM in `dtype`. adapter: a module already built (a
+    released GlueNet) in place of cfg.adapter's fresh one."""
     denoiser, vae, sched, kind = load_vision(cfg.vision, dtype, device, pretrained)
     if cfg.lm == "native":
         text = load_native_encoder(cfg.vision, dtype, device, pretrained)
@@ -553,7 +558,9 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dty
         m.requires_grad_(False).eval()
     bridge = Bridge(cfg, text, None, denoiser, vae, sched, kind)
     d_in, d_out = text.width, bridge.context_width
-    if cfg.adapter == "text":
+    if adapter is not None:
+        bridge.adapter = adapter
+    elif cfg.adapter == "text":
         mid = cfg.adapter_mid or (d_in + d_out) // 2
         bridge.adapter = TextAdapter(d_in, mid, d_out, dropout=cfg.adapter_dropout)
     elif cfg.adapter == "gluenet":
@@ -774,6 +781,8 @@ def load_bridge(path, dtype=torch.float32, device="cpu", use_ema=True, merge=Fal
     repeat it), which then samples with the release's recipe (bridge.sampling). merge=True folds the LoRA into
     the plain layers (sampling); else the LoRA wrappers stay, unmerged."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if is_gluegen_release(path):
+        return load_gluegen(path, dtype=dtype, device=device, lm_dtype=lm_dtype, **overrides)
     if os.path.isdir(path):
         lists = read_release(path)
         rank = overrides.pop("lora_rank", lists[2])
@@ -791,6 +800,37 @@ def load_bridge(path, dtype=torch.float32, device="cpu", use_ema=True, merge=Fal
         load_trainable(bridge, ema if ema and use_ema else plain)
     if merge:
         bridge.merge_lora(unwrap=True)
+    return bridge.eval()
+
+
+def is_gluegen_release(path):
+    """A released GlueGen GlueNet is a torch file (.ckpt), where a train.py checkpoint is a .safetensors."""
+    return os.path.isfile(path) and not path.endswith(".safetensors")
+
+
+def load_gluegen(path, lm=None, vision="sd15", dtype=torch.float32, device="cpu", lm_dtype=None, **unused):
+    """A released multilingual GlueNet (gluenet_<Language>_clip_overnorm_over3_noln.ckpt) between its source
+    LM (xlm-roberta-large: 77 tokens, the mask to XLM-R, features / 3) and the SD v1.5 pipeline it targets,
+    sampling as GlueGen's demo does (GLUEGEN_SAMPLING; the negative prompt through the same GlueNet): the
+    file's shapes are checked against both models before they are used."""
+    if unused.get("lora_rank"):
+        raise BadInput("a GlueGen release has no LoRA: leave --lora-rank out")
+    glue = GlueNet.from_gluegen(path)
+    if glue.cfg.in_tokens:
+        raise BadInput(f"{path} is GlueGen's sound GlueNet: its source is an AudioCLIP embedding "
+                       f"(ESResNeXt, not in transformers), which this repository cannot compute")
+    if not lm:
+        raise BadInput(f"{path} is a GlueGen release: pass --lm (its source LM, e.g. xlm-roberta-large)")
+    c = glue.cfg
+    cfg = BridgeConfig(lm=lm, vision=vision, adapter="gluenet", lora_rank=0, max_length=c.num_tokens,
+                       glue_depth=c.depth, glue_mult=c.mult)
+    bridge = build_bridge(cfg, dtype, device, lm_dtype=lm_dtype, adapter=glue.to(device, dtype))
+    text = bridge.text
+    if (text.width, bridge.context_width, text.token_count) != (c.in_dim, c.out_dim, c.num_tokens):
+        raise BadInput(f"{path} maps {c.num_tokens} tokens of width {c.in_dim} to width {c.out_dim}; {lm} "
+                       f"gives {text.token_count} tokens of width {text.width} and {vision} takes width "
+                       f"{bridge.context_width}")
+    bridge.sampling = GLUEGEN_SAMPLING
     return bridge.eval()
 
 

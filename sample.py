@@ -16,8 +16,9 @@ from PIL import Image
 
 import cpu
 import shapes
-from model import (DTYPES, check_release_files, checkpoint_config, device_and_dtype, is_shapes, lm_signature,
-                   load_bridge, native_bridge, vision_signature)
+from adapter import GlueNet
+from model import (DTYPES, check_release_files, checkpoint_config, device_and_dtype, is_gluegen_release,
+                   is_shapes, lm_signature, load_bridge, native_bridge, vision_signature)
 from model_io import BadInput, MissingInput, run_cli, writable
 from schedulers import SCHEDULERS
 
@@ -87,6 +88,16 @@ def check_args(args):
             raise BadInput("a release folder does not say which models it bridges: pass --lm and --vision")
         check_release_files(args.bridge)
         vision = args.vision
+    elif is_gluegen_release(args.bridge):
+        if not (args.lm and args.vision):
+            raise BadInput(f"{args.bridge} is a GlueGen release (a torch file), which does not say which "
+                           f"models it bridges: pass --lm (e.g. xlm-roberta-large) and --vision (e.g. sd15)")
+        c = GlueNet.from_gluegen(args.bridge).cfg  # its keys and sizes, before any model loads
+        lm, vis = lm_signature(args.lm), vision_signature(args.vision)
+        if not c.in_tokens and (lm and lm[1] != c.in_dim or vis and vis[1] != c.out_dim):
+            raise BadInput(f"{args.bridge} maps width {c.in_dim} to width {c.out_dim}; --lm {args.lm} gives "
+                           f"{lm[1] if lm else '?'} and --vision {args.vision} takes {vis[1] if vis else '?'}")
+        vision = args.vision
     elif os.path.exists(args.bridge):
         cfg = checkpoint_config(args.bridge)[0]
         vision = args.vision or cfg.vision
@@ -132,7 +143,8 @@ def main(args):
     world = is_shapes(bridge.cfg.vision)
     bridge.sampling = r = bridge.sampling.but(args.scheduler, args.steps, args.guidance, args.prompt_suffix)
     how = "".join(f" ({k} {v})" for k, v in r.scheduler_overrides)
-    whose = "the release's recipe, flags override it" if os.path.isdir(args.bridge) else "flags override it"
+    release = os.path.isdir(args.bridge) or is_gluegen_release(args.bridge)
+    whose = "the release's recipe, flags override it" if release else "flags override it"
     print(f"sampling: {r.scheduler}{how}, {r.steps} steps, CFG {r.guidance:g}, prompt suffix "
           f"{r.prompt_suffix!r} ({whose})")
     default = shapes.PROMPTS if world else ["a photograph of an astronaut riding a horse"]

@@ -1969,11 +1969,12 @@ def _ref_mlp(d, hidden, out, ln, gelu_out=False):
 class RefTokDim(nn.Module):
     """GlueGen's translator_base (residual) and translator_tok_dim (no residual), from its translators.py."""
 
-    def __init__(self, tok, tok_out, dim, dim_out, mult, ln=True, residual=False):
+    def __init__(self, tok, tok_out, dim, dim_out, mult, ln=True, residual=False, gelu_out=None):
         super().__init__()
         self.residual = residual
         self.net_tok = _ref_mlp(tok, tok * mult, tok_out, ln)
-        self.net_sen = _ref_mlp(dim, dim * mult, dim_out, ln, gelu_out=not ln)
+        gelu_out = not ln if gelu_out is None else gelu_out  # translator_tok_dim's no-LN tails end in a GELU
+        self.net_sen = _ref_mlp(dim, dim * mult, dim_out, ln, gelu_out)
 
     def forward(self, x):
         y = self.net_sen(x) + (x if self.residual else 0)
@@ -3069,6 +3070,104 @@ def test_checkpoint_round_trip(world, tmp_path):
     sd = model.trainable_state_dict(bridge)
     assert weights.keys() == sd.keys() and all(torch.equal(weights[k], sd[k]) for k in sd)
     assert any(k.startswith("lora_text.") for k in sd) and any(k.startswith("lora_vis.") for k in sd)
+
+
+class RefTranslatorNoln(nn.Module):
+    """GlueGen's Translator_noln (the multilingual GlueNet), from its translators.py: blocks of
+    translator_base (x = gelu(block(x) + x)), then translator_base_noln (no LN, no final GELU)."""
+
+    def __init__(self, tok, dim, dim_out, depth=5):
+        super().__init__()
+        self.blocks = nn.ModuleList([RefTokDim(tok, tok, dim, dim, 2, residual=True) for _ in range(depth)])
+        self.tail = RefTokDim(tok, tok, dim, dim_out, 2, ln=False, residual=dim == dim_out, gelu_out=False)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.nn.functional.gelu(b(x) + x)
+        return self.tail(x)
+
+
+def gluegen_reference_embed(tok, xlmr, glue, prompts, mask=True, norms=True):
+    """RobMlgEmbedder_multi's condition: XLM-R with its mask on 77 padded tokens, / 3, GlueNet, x CLIP norms
+    / 2 (modules.py:290-315) -> (B, 77, D)."""
+    scale = torch.tensor(adapter.GLUEGEN_CLIP_NORMS)[:, None] / 2 if norms else 1
+    enc = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    h = xlmr(input_ids=enc.input_ids, attention_mask=enc.attention_mask if mask else None)
+    return glue(h.last_hidden_state / 3) * scale
+
+
+@torch.no_grad()
+def gluegen_reference_sample(tok, xlmr, glue, unet, vae, sched_json, prompt, seed):
+    """GlueGen's multilingual demo (txt2img_demo_ml.py + RobMlgEmbedder_multi, modules.py:290-315): XLM-R
+    with its mask on 77 padded tokens, / 3, GlueNet, x CLIP norms / 2; the negative prompt "" through the same
+    path; PLMS (diffusers' PNDM without PRK: the same steps for 50, samplers.md), 50 steps, CFG 7.5; the VAE
+    at 1 / 0.18215; uint8 by truncation. The noise is drawn from a seeded CPU generator, as ours."""
+    from diffusers import PNDMScheduler
+    ctx = torch.cat([gluegen_reference_embed(tok, xlmr, glue, [p]) for p in ("", prompt)])
+    sched = PNDMScheduler.from_config(sched_json)
+    sched.set_timesteps(50)
+    s = unet.config.sample_size
+    x = torch.randn((1, unet.config.in_channels, s, s), generator=torch.Generator("cpu").manual_seed(seed))
+    x = x * sched.init_noise_sigma
+    for t in sched.timesteps:
+        u, c = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample.chunk(2)
+        x = sched.step(u + 7.5 * (c - u), t, x).prev_sample
+    img = (vae.decode(x / 0.18215).sample / 2 + 0.5).clamp(0, 1)[0]
+    return (img.permute(1, 2, 0) * 255).to(torch.uint8).numpy()
+
+
+def test_gluegen_release_samples_as_gluegen(world, tmp_path, capsys):
+    """A released-layout multilingual GlueNet (torch.save of Translator_noln's state dict, GlueGen's key
+    names; tiny and random) between a tiny XLM-R and the SD pipeline: sample.py with no sampler flags gives
+    the PNG of GlueGen's inference steps built from transformers + diffusers (PSNR >= 40 dB), and prints
+    GlueGen's recipe. A release that does not fit the models, lacks --lm, is corrupt, or is the sound
+    GlueNet (AudioCLIP, not computable here) is one clear error before the models load."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer
+    torch.manual_seed(0)
+    xlmr_dir = str(tmp_path / "xlmr")
+    xlmr = _tiny_lm(xlmr_dir, "xlmr", width=32)
+    _randomise(xlmr, torch.Generator().manual_seed(3), 0.02)
+    xlmr.save_pretrained(xlmr_dir)
+    ref = RefTranslatorNoln(77, 32, 24, depth=2).eval()
+    _randomise(ref, torch.Generator().manual_seed(4), 0.05)
+    ckpt = str(tmp_path / "gluenet_Spanish_clip_overnorm_over3_noln.ckpt")
+    torch.save(ref.state_dict(), ckpt)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(world["sd"], "unet")).eval()
+    vae = AutoencoderKL.from_pretrained(os.path.join(world["sd"], "vae")).eval()
+    prompt = "two big blue squares left of a red circle"
+    want = gluegen_reference_sample(AutoTokenizer.from_pretrained(xlmr_dir), xlmr, ref, unet, vae,
+                                    SD_SCHEDULER_JSON, prompt, seed=42)
+    out = str(tmp_path / "g.png")
+    run_sample("--bridge", ckpt, "--lm", xlmr_dir, "--vision", world["sd"], "--prompt", prompt, "--seed",
+               "42", "--out", out)
+    assert "sampling: pndm (skip_prk_steps True), 50 steps, CFG 7.5" in capsys.readouterr().out
+    p = psnr(np.asarray(Image.open(out)), want)
+    print(f"\nGlueGen release vs GlueGen's inference steps: PSNR {p:.1f} dB")
+    assert p >= 40
+    # the condition itself, GlueGen's to 1e-5, and not what it would be without the mask or the norms
+    bridge = model.load_bridge(ckpt, lm=xlmr_dir, vision=world["sd"])
+    tok = AutoTokenizer.from_pretrained(xlmr_dir)
+    with torch.no_grad():
+        ctx, vmask = bridge.encode_text([prompt, ""])
+        for kw in ({}, {"mask": False}, {"norms": False}):
+            err = rel_err(ctx, gluegen_reference_embed(tok, xlmr, ref, [prompt, ""], **kw))
+            assert (err <= 1e-5) == (kw == {}), (kw, err)
+    assert vmask is None
+    with pytest.raises(model_io.BadInput, match="pass --lm"):
+        run_sample("--bridge", ckpt, "--vision", world["sd"], "--prompt", "a")
+    wide = str(tmp_path / "wide.ckpt")
+    torch.save(RefTranslatorNoln(77, 48, 24, depth=1).state_dict(), wide)
+    with pytest.raises(model_io.BadInput, match="maps width 48 to width 24; --lm .* gives 32 and --vision"):
+        run_sample("--bridge", wide, "--lm", xlmr_dir, "--vision", world["sd"], "--prompt", "a")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(open(ckpt, "rb").read()[:1000])
+    with pytest.raises(model_io.BadInput, match="cannot read .* as a torch file"):
+        run_sample("--bridge", str(bad), "--lm", xlmr_dir, "--vision", world["sd"], "--prompt", "a")
+    sound = str(tmp_path / "sound.ckpt")
+    torch.save(RefTranslatorWHead(16, 77, 8, 24, depth=4).state_dict(), sound)
+    with pytest.raises(model_io.BadInput, match="sound GlueNet: its source is an AudioCLIP embedding"):
+        run_sample("--bridge", sound, "--lm", xlmr_dir, "--vision", world["sd"], "--prompt", "a")
 
 
 # -----------------------------------------------------------------------------
