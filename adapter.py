@@ -269,6 +269,19 @@ class GlueNet(nn.Module):
         return model.set_gluegen_scales(src_div)
 
 
+def gluegen_mix(sound, text, split=3):
+    """GlueGen's sound + text condition (sound2img_audio_text_mix_loop.py:448-458): the sound's first `split`
+    tokens, then the text's first `split`, then the mean of both from token 2 * split on; as many tokens as
+    each input (B, T, D) -> (B, T, D). Its script loops split over 3..7 of CLIP's 77 tokens."""
+    if sound.shape != text.shape:
+        raise BadInput(f"mixing needs equal shapes: sound {tuple(sound.shape)}, text {tuple(text.shape)}")
+    if not 1 <= split <= sound.shape[1] // 2:
+        raise BadInput(f"mix split {split}: must be from 1 to {sound.shape[1] // 2} for {sound.shape[1]} "
+                       f"tokens")
+    i = split
+    return torch.cat([sound[:, :i], text[:, :i], (sound[:, 2 * i:] + text[:, 2 * i:]) / 2], dim=1)
+
+
 class GradReverse(torch.autograd.Function):
     """Identity forward, gradient times -lam backward (Ganin & Lempitsky 2015; GlueGen GradReverse)."""
 

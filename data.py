@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import audio
 import shapes
 from model_io import BadInput, MissingInput, read_safetensors, save_safetensors
 
@@ -489,6 +490,51 @@ def text_pairs(spec):
     if sum(s.lower().endswith(IMAGE_EXTS) for s, _ in pairs) > len(pairs) // 2:
         raise BadInput(f"{spec} looks like an image-caption TSV (path<TAB>caption): the text-only methods "
                        f"read captions, or source<TAB>target caption pairs")
+    return pairs
+
+
+def audio_pairs(spec, window=30.0):
+    """[(16 kHz mono WAV path, caption)] for a speech bridge: "shapes:speech" (every training caption in
+    two training voices, synthesized once under shapes.SPEECH_CACHE) or a TSV "audio_path<TAB>caption"
+    (paths relative to the TSV's folder). Every clip is read once here: a missing, empty, corrupt, stereo or
+    other-rate file, or a malformed line, is skipped, counted and reported; clips longer than the encoder's
+    window are kept and counted (the encoder hears their first `window` seconds)."""
+    if spec == "shapes:speech":
+        return shapes.speech_pairs("train")
+    if not os.path.isfile(spec):
+        raise MissingInput(f"audio-caption file not found: {spec} (a speech bridge reads shapes:speech or a "
+                           f"TSV of audio_path<TAB>caption lines)")
+    root, pairs, bad, skipped, long = os.path.dirname(os.path.abspath(spec)), [], [], {}, 0
+    for n, line in text_lines(spec):
+        if line is not None and not line.strip():
+            continue
+        path, tab, cap = (line or "").partition("\t")
+        if line is None or not tab or not path.strip() or not cap.strip() or "\t" in cap:
+            bad.append(n)
+            continue
+        path = os.path.join(root, path.strip())
+        try:
+            clip = audio.read_wav(path)
+        except MissingInput:
+            skipped.setdefault("missing", []).append(path)
+            continue
+        except BadInput as e:
+            reasons = {"empty WAV": "empty", "channels": "not mono", "sample rate": "at another sample rate",
+                       "truncated WAV": "truncated"}
+            reason = next((r for k, r in reasons.items() if k in str(e)), "unreadable")
+            skipped.setdefault(reason, []).append(path)
+            continue
+        long += len(clip) > window * audio.SAMPLE_RATE
+        pairs.append((path, cap.strip()))
+    parts = [f"{len(v)} {k} (e.g. {v[0]})" for k, v in skipped.items()]
+    parts += [f"{len(bad)} malformed line(s) (not UTF-8, no TAB, an empty side or more than one TAB), e.g. "
+              f"line {bad[0]}"] if bad else []
+    if parts:
+        print(f"{spec}: skipped {'; '.join(parts)}")
+    if long:
+        print(f"{spec}: {long} clip(s) longer than the {window:g} s window: the encoder hears their start")
+    if not pairs:
+        raise BadInput(f"{spec}: no usable audio-caption pair in it")
     return pairs
 
 

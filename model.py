@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import shapes
-from adapter import GlueNet, GlueNetConfig, TextAdapter
+from adapter import GlueNet, GlueNetConfig, TextAdapter, gluegen_mix
+from audio import AUDIO_PRESETS, W2V_FAMILIES, AudioEncoder, audio_source
 from dit import DiT
 from ldmbert import LDMBert
 from lora import (LORA_TARGETS, export_release_list, import_release_list, inject, load_lora,
@@ -107,12 +108,29 @@ def lm_source(lm):
         return folder, json.load(f).get("model_type")
 
 
+def is_audio(lm):
+    """--lm names a speech encoder (an audio.AUDIO_PRESETS name, a CTranslate2 Whisper folder, or a
+    transformers Whisper / wav2vec2 / HuBERT / WavLM folder), from its files alone."""
+    if lm in AUDIO_PRESETS:
+        return True
+    if not lm or lm == "native" or lm in LM_PRESETS:
+        return False
+    try:
+        return audio_source(lm)[1] in ("ct2", "whisper", *W2V_FAMILIES)
+    except (BadInput, OSError):
+        return False
+
+
 def lm_signature(lm):
     """(model_type, hidden width) of --lm from its config.json alone, or None where it cannot be found here
     (or lm is "native"): what must match for a bridge's LoRA and adapter to fit another LM."""
     if lm == "native":
         return None
     try:
+        if is_audio(lm):
+            folder, kind = audio_source(lm)
+            return kind, (AudioEncoder.load(lm, window=0.02).width if kind == "ct2" else
+                          read_config(folder).get("d_model", read_config(folder).get("hidden_size")))
         folder, family = lm_source(lm)
     except (BadInput, OSError):
         return None
@@ -371,6 +389,8 @@ class BridgeConfig:
     max_length: int = 0         # 0: the recipe's token count
     glue_depth: int = 5         # GlueNet mixer blocks (GlueGen: 5); its token count is the LM's max_length
     glue_mult: int = 2          # GlueNet hidden width = mult * width (GlueGen: 2)
+    audio_window: float = 30.0  # a speech encoder's input in seconds (Whisper's own: 30; the shapes world: 4)
+    audio_pool: int = 1         # a speech encoder's hidden states averaged over this many tokens
 
 
 @dataclass(frozen=True)
@@ -415,6 +435,7 @@ class Bridge(nn.Module):
         self.cfg, self.kind, self.scheduler_config = cfg, kind, scheduler_config
         self.text, self.adapter, self.denoiser, self.vae = text, adapter, denoiser, vae
         self.lora_vis_paths, self.lora_text_paths = [], []
+        self.native = None  # a speech bridge: the vision model's own text encoder (negative, mixed prompts)
         self.train_sched = DDPM(scheduler_config)
         self.sampling = SHAPES_SAMPLING if is_shapes(cfg.vision) else Sampling()
 
@@ -449,9 +470,22 @@ class Bridge(nn.Module):
         return ctx, vmask
 
     def encode_text(self, prompts):
+        """Prompts (a speech bridge: clips) -> context (B, T, D_vision), vision mask or None."""
         ids, mask = self.text.tokenize(list(prompts))
         dev = next(self.denoiser.parameters()).device
         return self.encode_ids(ids.to(dev), mask.to(dev))
+
+    def encode_native(self, prompts):
+        """Prompts through the vision model's own text encoder (a speech bridge's negative prompt and the
+        text it mixes in, as GlueGen takes both from CLIP), at the adapter's token count: (B, T, D), None."""
+        dev = next(self.denoiser.parameters()).device
+        ids, mask = self.native.tokenize(list(prompts))
+        h, vmask = self.native(ids.to(dev), mask.to(dev))
+        n = self.adapter.cfg.num_tokens if isinstance(self.adapter, GlueNet) else h.shape[1]
+        if h.shape[1] < n:
+            h = torch.cat([h, h.new_zeros(h.shape[0], n - h.shape[1], h.shape[2])], 1)
+        h = h[:, :n]
+        return h, None
 
     @torch.no_grad()
     def posterior(self, images):
@@ -482,15 +516,20 @@ class Bridge(nn.Module):
 
     @torch.no_grad()
     def sample(self, prompts, negative_prompt="", steps=None, guidance=None, height=None, width=None, seed=0,
-               scheduler=None, prompt_suffix=None, progress=True):
+               scheduler=None, prompt_suffix=None, progress=True, mix=None, mix_split=3):
         """Images (B, H, W, 3) uint8 for a list of prompts, with classifier-free guidance. The sampler
         (a schedulers.SCHEDULERS name, built from the pipeline's scheduler config), steps, guidance and the
-        suffix of the positive prompts are self.sampling's where not given."""
+        suffix of the positive prompts are self.sampling's where not given. A speech bridge takes clips (WAV
+        paths or 16 kHz arrays) as prompts and its negative prompt, text, through the vision model's own
+        encoder (GlueGen: CLIP's ""); mix: one text per clip, mixed in by GlueGen's rule (gluegen_mix)."""
         recipe = self.sampling.but(scheduler, steps, guidance, prompt_suffix)
         steps, guidance = recipe.steps, recipe.guidance
-        prompts = [p + recipe.prompt_suffix for p in prompts]
+        speech = self.native is not None
+        prompts = list(prompts) if speech else [p + recipe.prompt_suffix for p in prompts]
         if not prompts:
             raise BadInput("no prompt to sample")
+        if mix is not None and (not speech or len(mix) != len(prompts)):
+            raise BadInput("mixing takes a speech bridge and one text for each clip")
         if not math.isfinite(guidance):
             raise BadInput(f"guidance {guidance}: must be a finite number")
         B = len(prompts)
@@ -503,7 +542,9 @@ class Bridge(nn.Module):
             raise BadInput(f"image size {height}x{width}: height and width must be positive multiples of "
                            f"{self.size_factor} for this model")
         ctx, mask = self.encode_text(prompts)
-        nctx, nmask = self.encode_text([negative_prompt] * B)
+        if mix is not None:
+            ctx = gluegen_mix(ctx, self.encode_native(mix)[0].to(ctx.dtype), mix_split)
+        nctx, nmask = (self.encode_native if speech else self.encode_text)([negative_prompt] * B)
         if not (torch.isfinite(ctx).all() and torch.isfinite(nctx).all()):
             raise BadInput("the text features are not finite (NaN or inf): the language model or the adapter "
                            "gives them")
@@ -543,8 +584,12 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dty
     `dtype` on weights rounded through fp16; any other LM in `dtype`. adapter: a module already built (a
     released GlueNet) in place of cfg.adapter's fresh one."""
     denoiser, vae, sched, kind = load_vision(cfg.vision, dtype, device, pretrained)
+    speech = is_audio(cfg.lm)
     if cfg.lm == "native":
         text = load_native_encoder(cfg.vision, dtype, device, pretrained)
+    elif speech:
+        text = AudioEncoder.load(cfg.lm, window=cfg.audio_window, dtype=dtype, device=device,
+                                 pool=cfg.audio_pool)
     else:
         recipe = recipe_for(cfg.lm, kind)
         if cfg.max_length:
@@ -557,6 +602,8 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dty
     for m in (denoiser, vae, text):
         m.requires_grad_(False).eval()
     bridge = Bridge(cfg, text, None, denoiser, vae, sched, kind)
+    if speech:
+        bridge.native = load_native_encoder(cfg.vision, dtype, device).requires_grad_(False).eval()
     d_in, d_out = text.width, bridge.context_width
     if adapter is not None:
         bridge.adapter = adapter
@@ -567,7 +614,10 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dty
         if text.token_count is None:
             raise BadInput("--adapter gluenet mixes a fixed number of tokens: "
                            "the LM recipe must pad to max_length")
-        bridge.adapter = GlueNet(GlueNetConfig(text.token_count, d_in, d_out, cfg.glue_mult, cfg.glue_depth))
+        if speech and not cfg.max_length:
+            raise BadInput("a speech GlueNet maps the encoder's tokens to the target's: set max_length")
+        n, n_in = (cfg.max_length, text.token_count) if speech else (text.token_count, 0)
+        bridge.adapter = GlueNet(GlueNetConfig(n, d_in, d_out, cfg.glue_mult, cfg.glue_depth, in_tokens=n_in))
     elif cfg.adapter != "none":
         raise BadInput(f"unknown adapter {cfg.adapter!r} (text, gluenet, none)")
     elif d_in != d_out:

@@ -7,6 +7,8 @@ every flag overrides its part, and the recipe used is printed.
 python sample.py            # the shapes world: out/shapes/ckpt.safetensors -> out/shapes/grid.png
 python sample.py --eval     # ... and its attribute accuracy on held-out captions
 python sample.py --bridge lavi/t5_unet --lm t5-large --vision sd14 --prompt "a cat on a sofa" --out cat.png
+python sample.py --bridge out/shapes-sound/ckpt.safetensors --audio said.wav            # speech to image
+python sample.py --bridge out/shapes-sound/ckpt.safetensors --audio said.wav --prompt red  # speech + text
 """
 import argparse
 import math
@@ -17,8 +19,9 @@ from PIL import Image
 import cpu
 import shapes
 from adapter import GlueNet
-from model import (DTYPES, check_release_files, checkpoint_config, device_and_dtype, is_gluegen_release,
-                   is_shapes, lm_signature, load_bridge, native_bridge, vision_signature)
+from model import (DTYPES, check_release_files, checkpoint_config, device_and_dtype, is_audio,
+                   is_gluegen_release, is_shapes, lm_signature, load_bridge, native_bridge, vision_signature)
+from audio import read_wav
 from model_io import BadInput, MissingInput, run_cli, writable
 from schedulers import SCHEDULERS
 
@@ -38,6 +41,12 @@ def get_parser():
     # what to draw
     p.add_argument("--prompt", action="append",
                    help="a prompt (repeatable; default: the shapes demo prompts)")
+    p.add_argument("--audio", action="append",
+                   help="a speech bridge: a 16 kHz mono WAV in place of a prompt (repeatable); with --prompt "
+                        "too, each clip is mixed with the prompt of the same index by GlueGen's rule")
+    p.add_argument("--mix-split", type=int, default=None,
+                   help="mixing: the clip's first N tokens, the prompt's first N, then both averaged from "
+                        "token 2N (GlueGen: 3-7 of 77; default: 1 in the shapes world's 16, else 3)")
     p.add_argument("--negative-prompt", default="", help="negative prompt, encoded with the same recipe")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the bridge's recipe)")
@@ -63,16 +72,26 @@ def get_parser():
     p.add_argument("--eval", action="store_true",
                    help="shapes world: also print attribute accuracy on held-out captions")
     p.add_argument("--eval-n", type=int, default=48, help="images per evaluation set")
-    p.add_argument("--eval-sets", default="seen,unseen,paraphrase",
-                   help="comma-separated evaluation sets (seen, unseen, paraphrase, spanish)")
+    p.add_argument("--eval-sets", default=None,
+                   help="comma-separated evaluation sets (seen, unseen, paraphrase, spanish; a speech "
+                        "bridge: spoken, spoken-unseen, mixed; default: seen,unseen,paraphrase or the spoken "
+                        "ones)")
     return p
 
 
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")  # --out with one of these is an image file, else a folder
 
 
+def eval_sets(args):
+    """--eval-sets as a tuple; a speech bridge's default: the spoken sets."""
+    given = args.eval_sets or (",".join(shapes.SPOKEN_SETS) if args.speech else "seen,unseen,paraphrase")
+    return tuple(s.strip() for s in given.split(",") if s.strip())
+
+
 def check_args(args):
-    """Every flag and path, before anything loads (one BadInput); returns where the images go."""
+    """Every flag and path, before anything loads (one BadInput); returns where the images go. Sets
+    args.speech: whether the bridge hears clips."""
+    args.speech = False
     for flag, v in (("--steps", args.steps), ("--n", args.n), ("--eval-n", args.eval_n)):
         if v is not None and v < 1:
             raise BadInput(f"{flag} {v}: must be >= 1")
@@ -83,6 +102,11 @@ def check_args(args):
             raise BadInput(f"{flag} {v}: must be a multiple of 8 from 8 to 4096")
     if args.prompt is not None and not [p for p in args.prompt if p.strip()]:
         raise BadInput("--prompt: an empty prompt (leave --prompt out for the default ones)")
+    if args.audio and args.prompt and len(args.prompt) not in (1, len(args.audio)):
+        raise BadInput(f"mixing {len(args.audio)} clip(s) with {len(args.prompt)} prompts: give one prompt, "
+                       f"or one per clip")
+    for path in args.audio or []:
+        read_wav(path)  # a missing, corrupt, stereo or other-rate file stops here
     if os.path.isdir(args.bridge):
         if not (args.lm and args.vision):
             raise BadInput("a release folder does not say which models it bridges: pass --lm and --vision")
@@ -96,11 +120,19 @@ def check_args(args):
         lm, vis = lm_signature(args.lm), vision_signature(args.vision)
         if not c.in_tokens and (lm and lm[1] != c.in_dim or vis and vis[1] != c.out_dim):
             raise BadInput(f"{args.bridge} maps width {c.in_dim} to width {c.out_dim}; --lm {args.lm} gives "
-                           f"{lm[1] if lm else '?'} and --vision {args.vision} takes {vis[1] if vis else '?'}")
+                           f"{lm[1] if lm else '?'} and --vision {args.vision} takes "
+                           f"{vis[1] if vis else '?'}")
         vision = args.vision
     elif os.path.exists(args.bridge):
         cfg = checkpoint_config(args.bridge)[0]
         vision = args.vision or cfg.vision
+        args.speech = is_audio(cfg.lm)
+        if args.speech and args.prompt and not args.audio:
+            raise BadInput(f"{args.bridge} hears speech: give --audio clips (a --prompt is mixed into them)")
+        if args.speech and not args.audio and not is_shapes(vision) or args.audio and not args.speech:
+            raise BadInput(f"{args.bridge} bridges {cfg.lm}, " + (
+                "a speech encoder: give --audio clips (and --prompt to mix text in)" if args.speech
+                else "which reads text: --audio is for a speech bridge"))
         for flag, given, own, signature in (("--lm", args.lm, cfg.lm, lm_signature),
                                             ("--vision", args.vision, cfg.vision, vision_signature)):
             mine, theirs = (signature(given), signature(own)) if given and given != own else (None, None)
@@ -114,10 +146,11 @@ def check_args(args):
     if args.eval:
         if not is_shapes(vision):
             raise BadInput("--eval measures the shapes world; this bridge is not one")
-        unknown = [s for s in args.eval_sets.split(",") if s not in shapes.EVAL_SETS]
+        unknown = [s for s in eval_sets(args) if s not in shapes.EVAL_SETS]
         if unknown:
             raise BadInput(f"--eval-sets: unknown {', '.join(unknown)} (choose from "
                            f"{', '.join(shapes.EVAL_SETS)})")
+        shapes.check_sets(eval_sets(args), args.speech)
     out = args.out or "samples"
     if not args.out and is_shapes(vision):
         out = os.path.join(os.path.dirname(args.bridge), "grid.png")
@@ -148,28 +181,41 @@ def main(args):
     print(f"sampling: {r.scheduler}{how}, {r.steps} steps, CFG {r.guidance:g}, prompt suffix "
           f"{r.prompt_suffix!r} ({whose})")
     default = shapes.PROMPTS if world else ["a photograph of an astronaut riding a horse"]
-    prompts = [p for p in (args.prompt or default) for _ in range(args.n)]
+    split = args.mix_split or (1 if world else 3)
+    if args.speech:  # the clips are the prompts (the shapes world's default: its demo prompts, spoken)
+        clips = args.audio or shapes.spoken(shapes.PROMPTS, shapes.HELDOUT_VOICES)
+        texts = args.prompt and (args.prompt * len(clips) if len(args.prompt) == 1 else args.prompt)
+        prompts = [a for a in clips for _ in range(args.n)]
+        mix = [t for t in texts for _ in range(args.n)] if texts else None
+        said = dict(zip(clips, shapes.PROMPTS)) if not args.audio else {}
+        captions = [f"said: {said.get(a, os.path.basename(a))}" + (f" + {t!r}" if texts else "")
+                    for a, t in zip(prompts, mix or [None] * len(prompts))]
+    else:
+        prompts = captions = [p for p in (args.prompt or default) for _ in range(args.n)]
+        mix = None
     imgs = bridge.sample(prompts, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                         seed=args.seed)
+                         seed=args.seed, mix=mix, mix_split=split)
     imgs = imgs.numpy()
     if out.lower().endswith(IMAGE_TYPES):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         if len(imgs) == 1:
             Image.fromarray(imgs[0]).save(out)
         else:
-            shapes.save_grid(imgs, out, captions=prompts)
+            shapes.save_grid(imgs, out, captions=captions)
     else:
         os.makedirs(out, exist_ok=True)
         for i, im in enumerate(imgs):
             Image.fromarray(im).save(os.path.join(out, f"{i:03d}.png"))
-        shapes.save_grid(imgs, os.path.join(out, "grid.png"), captions=prompts)
+        shapes.save_grid(imgs, os.path.join(out, "grid.png"), captions=captions)
     print(f"wrote {len(imgs)} image(s) to {out}")
     if args.eval:
-        sampling = dict(n=args.eval_n, sets=tuple(args.eval_sets.split(",")), steps=r.steps,
-                        guidance=r.guidance, scheduler=r.scheduler)
+        sampling = dict(n=args.eval_n, steps=r.steps, guidance=r.guidance, scheduler=r.scheduler)
         base = native_bridge(bridge.cfg.vision, device=device)
-        rows = {"base model + own encoder": shapes.evaluate_bridge(base, **sampling),
-                "bridge after training": shapes.evaluate_bridge(bridge, **sampling)}
+        sets = eval_sets(args)
+        rows = {"base model + own encoder": shapes.evaluate_bridge(base, sets=shapes.typed_sets(sets),
+                                                                   **sampling),
+                "bridge after training": shapes.evaluate_bridge(bridge, sets=sets, mix_split=split,
+                                                                **sampling)}
         print(shapes.eval_table(rows))
 
 

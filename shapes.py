@@ -8,6 +8,7 @@ scored without a human looking at pictures, on three generalisation sets: "seen"
 training combinations), "unseen" (colour/shape pairs never drawn in training) and "paraphrase" (synonyms
 and phrasings that never occur in a training caption); and the image grids of sample.py and train.py.
 """
+import hashlib
 import itertools
 import json
 import os
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+import audio
 from model_io import BadInput, MissingInput, load_strict, read_safetensors, save_safetensors
 from unet import UNet, UNetConfig
 
@@ -326,8 +328,69 @@ class ShapesDataset(torch.utils.data.IterableDataset):
             yield to_tensor(img), cap
 
 
-# "spanish": the seen combinations, captioned in Spanish
-EVAL_SETS = ("seen", "unseen", "paraphrase") + LANGUAGES
+# -----------------------------------------------------------------------------
+# the world spoken: its captions read aloud by espeak-ng voices, the source of the sound bridges
+
+# (espeak-ng voice, words a minute, pitch 0-99): the training voices, and voices held out for evaluation
+SPEECH_VOICES = (("en-us", 160, 50), ("en-us+f3", 175, 65), ("en-gb", 150, 45), ("en-us+m3", 185, 40),
+                 ("en-gb-scotland", 165, 55), ("en-029+f2", 155, 60))
+HELDOUT_VOICES = (("en-gb-x-rp+f4", 170, 70), ("en-us-nyc+m5", 150, 35))
+SPEECH_WINDOW, SPEECH_POOL = 4.0, 4  # seconds of audio the encoder hears; its tokens averaged in fours
+SPEECH_CACHE = os.path.join("out", "speech")  # the synthesized WAVs (16 kHz mono), made once
+
+
+def spoken(captions, voices, folder=SPEECH_CACHE, progress=True):
+    """WAV paths of each caption read by the voice of the same index (voices cycled): synthesized with
+    espeak-ng on first use, then read from folder."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, c in enumerate(tqdm(captions, desc="speaking", disable=not progress, leave=False)):
+        voice, speed, pitch = voices[i % len(voices)]
+        key = hashlib.sha1(f"{c}|{voice}|{speed}|{pitch}".encode()).hexdigest()[:16]
+        path = os.path.join(folder, f"{voice.replace('+', '_')}_{key}.wav")
+        if not os.path.exists(path):
+            clip = audio.synthesize(c, voice=voice, speed=speed, pitch=pitch)
+            audio.write_wav(path, clip, audio.SAMPLE_RATE)
+        paths.append(path)
+    return paths
+
+
+def speech_pairs(split="train", per_caption=2, seed=0, folder=SPEECH_CACHE):
+    """[(WAV path, caption)]: every caption of a split spoken by per_caption training voices drawn for it."""
+    caps = all_captions(split)
+    rng = np.random.default_rng([seed, 77])
+    picks = [rng.choice(len(SPEECH_VOICES), per_caption, replace=False) for _ in caps]
+    items = [(c, SPEECH_VOICES[v]) for c, vs in zip(caps, picks) for v in vs]
+    captions = [c for c, _ in items]
+    return list(zip(spoken(captions, [v for _, v in items], folder), captions))
+
+
+def colourless(attrs):
+    """A training-grammar caption of attrs without its colour (the speech half of a mixed prompt)."""
+    a = as_attrs(attrs)
+    return re.sub(r"\ba (?=[aeiou])", "an ", f"a {a.size} {a.shape} {WHERE[a.position]}")
+
+
+# "spanish": the seen combinations, captioned in Spanish; spoken / spoken-unseen: the seen / unseen
+# combinations in held-out voices; mixed: the seen ones, the shape spoken (colourless()) and the colour typed
+SPOKEN_SETS = ("spoken", "spoken-unseen", "mixed")
+EVAL_SETS = ("seen", "unseen", "paraphrase") + LANGUAGES + SPOKEN_SETS
+
+
+def typed_sets(sets):
+    """The typed counterparts of evaluation sets (spoken -> seen, spoken-unseen -> unseen; mixed has
+    none), in order, each once."""
+    typed = [{"spoken": "seen", "spoken-unseen": "unseen"}.get(s, s) for s in sets if s != "mixed"]
+    return list(dict.fromkeys(typed))
+
+
+def check_sets(sets, speech):
+    """A speech bridge is evaluated on the spoken sets, any other on the typed ones."""
+    wrong = [s for s in sets if (s in SPOKEN_SETS) != speech]
+    if wrong:
+        right = SPOKEN_SETS if speech else [s for s in EVAL_SETS if s not in SPOKEN_SETS]
+        raise BadInput(f"eval sets {', '.join(wrong)}: a {'speech' if speech else 'text'} bridge is measured "
+                       f"on {', '.join(right)}")
 
 
 def eval_set(name, n=None, seed=0):
@@ -336,6 +399,8 @@ def eval_set(name, n=None, seed=0):
     else the first n of a seeded shuffle (cycled when n exceeds the count)."""
     if name not in EVAL_SETS:
         raise BadInput(f"unknown eval set {name!r} (choose from {', '.join(EVAL_SETS)})")
+    if name in SPOKEN_SETS:  # the typed sets' items; evaluate_bridge speaks them
+        return eval_set("unseen" if name == "spoken-unseen" else "seen", n, seed)
     if name in LANGUAGES:  # the training combinations, in another language
         rng = np.random.default_rng([seed, len(SPLITS) + LANGUAGES.index(name)])
         pool = all_attrs("seen")
@@ -621,13 +686,20 @@ PROMPTS = ["a small red circle on the left", "a large blue square at the top",
 
 
 def evaluate_bridge(bridge, n=48, sets=("seen", "unseen", "paraphrase"), steps=STEPS, guidance=GUIDANCE,
-                    seed=0, scheduler="ddim"):
-    """{set: {attribute: accuracy}} of anything with model.Bridge's sample()."""
+                    seed=0, scheduler="ddim", mix_split=1):
+    """{set: {attribute: accuracy}} of anything with model.Bridge's sample(); the spoken sets (a speech
+    bridge) in the held-out voices; "mixed" with GlueGen's rule at mix_split."""
     res = {}
     for name in tqdm(sets, desc="evaluating", leave=False):
         items = eval_set(name, n=n, seed=seed)
-        imgs = bridge.sample([c for c, _ in items], steps=steps, guidance=guidance, seed=seed, progress=False,
-                             scheduler=scheduler)
+        prompts, kw = [c for c, _ in items], {}
+        if name == "mixed":
+            prompts = spoken([colourless(a) for _, a in items], HELDOUT_VOICES, progress=False)
+            kw = dict(mix=[a.colour for _, a in items], mix_split=mix_split)
+        elif name in SPOKEN_SETS:
+            prompts = spoken(prompts, HELDOUT_VOICES, progress=False)
+        imgs = bridge.sample(prompts, steps=steps, guidance=guidance, seed=seed, progress=False,
+                             scheduler=scheduler, **kw)
         res[name] = evaluate(imgs.numpy(), [a for _, a in items])
     return res
 

