@@ -23,9 +23,9 @@ from dit import DiT
 from ldmbert import LDMBert
 from lora import (LORA_TARGETS, export_release_list, import_release_list, inject, load_lora,
                   load_release_file, lora_state_dict, merge_lora, unwrap_lora)
-from model_io import (BadInput, MissingInput, check_finite, hub_folder, load_strict, optimizer_state,
-                      optimizer_tensors, read_config, read_safetensors, read_safetensors_metadata,
-                      save_safetensors)
+from model_io import (BadInput, MissingInput, check_finite, hub_folder, load_strict, load_weights,
+                      optimizer_state, optimizer_tensors, read_config, read_safetensors,
+                      read_safetensors_metadata, save_safetensors)
 from schedulers import DDPM, PIXART_SCHEDULER, SD_SCHEDULER, make
 from unet import UNet, VAE
 
@@ -124,7 +124,7 @@ def is_audio(lm):
 def lm_signature(lm):
     """(model_type, hidden width) of --lm from its config.json alone, or None where it cannot be found here
     (or lm is "native"): what must match for a bridge's LoRA and adapter to fit another LM."""
-    if lm == "native":
+    if not lm or lm == "native":
         return None
     try:
         if is_audio(lm):
@@ -575,17 +575,21 @@ class Bridge(nn.Module):
 # building a bridge from its config
 
 
-def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dtype=None, adapter=None):
+def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dtype=None, adapter=None,
+                 source=None):
     """Load the frozen text encoder and vision model, add the adapter and LoRA as cfg says. cfg.lm "native" is
     the vision model's own text encoder (CLIP for SD, T5 for PixArt, LDMBert for LDM, the word encoder of
     the shapes world). pretrained=False: the shapes base model freshly initialised (method base).
     lm_dtype: the LM's weights, LoRA and activations in that dtype (its hidden states leave it in fp32). None:
     the release's sampling recipe: where it ran the LM in fp16 (Llama-2), in fp16 on CUDA, and elsewhere in
     `dtype` on weights rounded through fp16; any other LM in `dtype`. adapter: a module already built (a
-    released GlueNet) in place of cfg.adapter's fresh one."""
+    released GlueNet) in place of cfg.adapter's fresh one; source: a source module in place of cfg.lm's
+    (one that hears, as a speech encoder: its negative prompt goes through the native encoder)."""
     denoiser, vae, sched, kind = load_vision(cfg.vision, dtype, device, pretrained)
-    speech = is_audio(cfg.lm)
-    if cfg.lm == "native":
+    speech = source is not None or is_audio(cfg.lm)
+    if source is not None:
+        text = source
+    elif cfg.lm == "native":
         text = load_native_encoder(cfg.vision, dtype, device, pretrained)
     elif speech:
         text = AudioEncoder.load(cfg.lm, window=cfg.audio_window, dtype=dtype, device=device,
@@ -866,22 +870,71 @@ def load_gluegen(path, lm=None, vision="sd15", dtype=torch.float32, device="cpu"
     if unused.get("lora_rank"):
         raise BadInput("a GlueGen release has no LoRA: leave --lora-rank out")
     glue = GlueNet.from_gluegen(path)
-    if glue.cfg.in_tokens:
-        raise BadInput(f"{path} is GlueGen's sound GlueNet: its source is an AudioCLIP embedding "
-                       f"(ESResNeXt, not in transformers), which this repository cannot compute")
-    if not lm:
-        raise BadInput(f"{path} is a GlueGen release: pass --lm (its source LM, e.g. xlm-roberta-large)")
     c = glue.cfg
-    cfg = BridgeConfig(lm=lm, vision=vision, adapter="gluenet", lora_rank=0, max_length=c.num_tokens,
-                       glue_depth=c.depth, glue_mult=c.mult)
-    bridge = build_bridge(cfg, dtype, device, lm_dtype=lm_dtype, adapter=glue.to(device, dtype))
-    text = bridge.text
-    if (text.width, bridge.context_width, text.token_count) != (c.in_dim, c.out_dim, c.num_tokens):
-        raise BadInput(f"{path} maps {c.num_tokens} tokens of width {c.in_dim} to width {c.out_dim}; {lm} "
-                       f"gives {text.token_count} tokens of width {text.width} and {vision} takes width "
+    sound = bool(c.in_tokens)  # the sound GlueNet: AudioCLIP embeddings in, computed elsewhere
+    if not lm and not sound:
+        raise BadInput(f"{path} is a GlueGen release: pass --lm (its source LM, e.g. xlm-roberta-large)")
+    cfg = BridgeConfig(lm=AUDIOCLIP if sound else lm, vision=vision, adapter="gluenet", lora_rank=0,
+                       max_length=c.num_tokens, glue_depth=c.depth, glue_mult=c.mult)
+    source = AudioCLIPEmbedding(c.in_tokens, c.in_dim) if sound else None
+    bridge = build_bridge(cfg, dtype, device, lm_dtype=lm_dtype, adapter=glue.to(device, dtype),
+                          source=source)
+    text, n_in = bridge.text, glue.in_tokens
+    if (text.width, bridge.context_width, text.token_count) != (c.in_dim, c.out_dim, n_in):
+        raise BadInput(f"{path} maps {n_in} tokens of width {c.in_dim} to width {c.out_dim}; {cfg.lm} gives "
+                       f"{text.token_count} tokens of width {text.width} and {vision} takes width "
                        f"{bridge.context_width}")
-    bridge.sampling = GLUEGEN_SAMPLING
+    bridge.sampling = GLUEGEN_SOUND_SAMPLING if sound else GLUEGEN_SAMPLING
     return bridge.eval()
+
+
+AUDIOCLIP = "audioclip-embedding"  # the source name of a GlueGen sound bridge
+
+
+class AudioCLIPEmbedding(nn.Module):
+    """The source of GlueGen's sound GlueNet, whose encoder is not here (AudioCLIP's ESResNeXt-fbsp audio
+    head is in no package this repository uses): each prompt is a file of one clip's AudioCLIP audio
+    embedding, computed elsewhere: 1024 values, L2-normalised as AudioCLIP returns them, in a .npy or a
+    one-tensor .safetensors / .pt; reshaped to (16, 64) tokens as GlueGen's FrozenAudioCLIPEmbedder does.
+    model.TextEncoder's interface; nothing trains."""
+    lora_targets, causal = None, False
+
+    def __init__(self, tokens=16, dim=64):
+        super().__init__()
+        self.model, self.tokens, self.width = nn.Identity(), tokens, dim
+
+    @property
+    def token_count(self):
+        return self.tokens
+
+    def read(self, path):
+        """One embedding file -> (tokens, width) float32, or a clear error."""
+        import numpy as np
+        if not os.path.isfile(path):
+            raise MissingInput(f"AudioCLIP embedding not found: {path}")
+        try:
+            x = torch.from_numpy(np.load(path, allow_pickle=False)) if path.endswith(".npy") else None
+        except (OSError, ValueError) as e:
+            raise BadInput(f"cannot read {path} as a .npy array: {e}") from None
+        if x is None:
+            tensors = list(load_weights(path).values())
+            if len(tensors) != 1:
+                raise BadInput(f"{path}: {len(tensors)} tensors, one AudioCLIP embedding expected")
+            x = tensors[0]
+        x = x.float().flatten()
+        n = self.tokens * self.width
+        if x.numel() != n or not torch.isfinite(x).all() or abs(x.norm().item() - 1) > 1e-3:
+            raise BadInput(f"{path}: an AudioCLIP audio embedding is {n} finite values of L2 norm 1; this "
+                           f"has {x.numel()} values of norm {x.norm().item():.4g}")
+        return x.reshape(self.tokens, self.width)
+
+    def tokenize(self, paths):
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        x = torch.stack([self.read(p) for p in paths])  # (B, tokens, width)
+        return x, torch.ones(len(paths), self.tokens, dtype=torch.long)
+
+    def forward(self, x, mask):
+        return x.float(), None
 
 
 # -----------------------------------------------------------------------------

@@ -19,9 +19,10 @@ from PIL import Image
 import cpu
 import shapes
 from adapter import GlueNet
-from model import (DTYPES, check_release_files, checkpoint_config, device_and_dtype, is_audio,
-                   is_gluegen_release, is_shapes, lm_signature, load_bridge, native_bridge, vision_signature)
 from audio import read_wav
+from model import (DTYPES, AudioCLIPEmbedding, check_release_files, checkpoint_config, device_and_dtype,
+                   is_audio, is_gluegen_release, is_shapes, lm_signature, load_bridge, native_bridge,
+                   vision_signature)
 from model_io import BadInput, MissingInput, run_cli, writable
 from schedulers import SCHEDULERS
 
@@ -105,18 +106,24 @@ def check_args(args):
     if args.audio and args.prompt and len(args.prompt) not in (1, len(args.audio)):
         raise BadInput(f"mixing {len(args.audio)} clip(s) with {len(args.prompt)} prompts: give one prompt, "
                        f"or one per clip")
-    for path in args.audio or []:
-        read_wav(path)  # a missing, corrupt, stereo or other-rate file stops here
     if os.path.isdir(args.bridge):
         if not (args.lm and args.vision):
             raise BadInput("a release folder does not say which models it bridges: pass --lm and --vision")
         check_release_files(args.bridge)
         vision = args.vision
     elif is_gluegen_release(args.bridge):
-        if not (args.lm and args.vision):
-            raise BadInput(f"{args.bridge} is a GlueGen release (a torch file), which does not say which "
-                           f"models it bridges: pass --lm (e.g. xlm-roberta-large) and --vision (e.g. sd15)")
         c = GlueNet.from_gluegen(args.bridge).cfg  # its keys and sizes, before any model loads
+        args.speech = bool(c.in_tokens)  # the sound GlueNet: AudioCLIP embeddings as --audio
+        need = [f for f, missing in (("--lm (e.g. xlm-roberta-large)", not (args.lm or args.speech)),
+                                     ("--vision (e.g. sd15)", not args.vision)) if missing]
+        if need:
+            raise BadInput(f"{args.bridge} is a GlueGen release (a torch file), which does not say which "
+                           f"models it bridges: pass {' and '.join(need)}")
+        if args.speech and not args.audio:
+            raise BadInput(f"{args.bridge} is GlueGen's sound GlueNet: give --audio files of AudioCLIP audio "
+                           f"embeddings (.npy, 1024 values; AudioCLIP itself is not in this repository)")
+        for path in args.audio or []:
+            AudioCLIPEmbedding(c.in_tokens, c.in_dim).read(path)
         lm, vis = lm_signature(args.lm), vision_signature(args.vision)
         if not c.in_tokens and (lm and lm[1] != c.in_dim or vis and vis[1] != c.out_dim):
             raise BadInput(f"{args.bridge} maps width {c.in_dim} to width {c.out_dim}; --lm {args.lm} gives "
@@ -133,6 +140,8 @@ def check_args(args):
             raise BadInput(f"{args.bridge} bridges {cfg.lm}, " + (
                 "a speech encoder: give --audio clips (and --prompt to mix text in)" if args.speech
                 else "which reads text: --audio is for a speech bridge"))
+        for path in args.audio or []:
+            read_wav(path)  # a missing, corrupt, stereo or other-rate file stops here
         for flag, given, own, signature in (("--lm", args.lm, cfg.lm, lm_signature),
                                             ("--vision", args.vision, cfg.vision, vision_signature)):
             mine, theirs = (signature(given), signature(own)) if given and given != own else (None, None)
@@ -143,6 +152,8 @@ def check_args(args):
     else:
         hint = " (train one first: python train.py)" if args.bridge.startswith("out/shapes") else ""
         raise MissingInput(f"no bridge at {args.bridge}{hint}")
+    if args.audio and not args.speech:
+        raise BadInput(f"{args.bridge} reads text: --audio is for a speech bridge")
     if args.eval:
         if not is_shapes(vision):
             raise BadInput("--eval measures the shapes world; this bridge is not one")

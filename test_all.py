@@ -3576,7 +3576,7 @@ def test_gluegen_release_samples_as_gluegen(world, tmp_path, capsys):
     names; tiny and random) between a tiny XLM-R and the SD pipeline: sample.py with no sampler flags gives
     the PNG of GlueGen's inference steps built from transformers + diffusers (PSNR >= 40 dB), and prints
     GlueGen's recipe. A release that does not fit the models, lacks --lm, is corrupt, or is the sound
-    GlueNet (AudioCLIP, not computable here) is one clear error before the models load."""
+    GlueNet given a text prompt is one clear error before the models load."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer
     torch.manual_seed(0)
@@ -3621,8 +3621,71 @@ def test_gluegen_release_samples_as_gluegen(world, tmp_path, capsys):
         run_sample("--bridge", str(bad), "--lm", xlmr_dir, "--vision", world["sd"], "--prompt", "a")
     sound = str(tmp_path / "sound.ckpt")
     torch.save(RefTranslatorWHead(16, 77, 8, 24, depth=4).state_dict(), sound)
-    with pytest.raises(model_io.BadInput, match="sound GlueNet: its source is an AudioCLIP embedding"):
+    with pytest.raises(model_io.BadInput, match="sound GlueNet: give --audio files of AudioCLIP"):
         run_sample("--bridge", sound, "--lm", xlmr_dir, "--vision", world["sd"], "--prompt", "a")
+
+
+def test_gluegen_sound_release_samples_as_gluegen(world, tmp_path, capsys):
+    """GlueGen's sound GlueNet in its released layout (Translator_w_head's state dict; tiny, random) samples
+    from an AudioCLIP embedding file (AudioCLIP itself is not here) as sound2img_gluegen.py does: the
+    1024-d embedding as 16 x 64 tokens, GlueNet, x CLIP norms / 2; the negative is the pipeline's CLIP on ""
+    (its null_cond_tensor.pt); DDIM (the script forces it), 50 steps, eta 0, CFG 7.5: the PNG of that
+    reference (PSNR >= 40 dB). Text mixes in by GlueGen's rule; an embedding of the wrong size or norm is
+    refused before the models load."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer
+    torch.manual_seed(0)
+    sd = tmp_path / "sd"
+    shutil.copytree(world["sd"], sd)
+    clip = _tiny_lm(str(tmp_path / "clip"), "clip", width=24)
+    for sub in ("text_encoder", "tokenizer"):
+        shutil.copytree(tmp_path / "clip", sd / sub)
+    ref = RefTranslatorWHead(16, 77, 64, 24, mult=4, depth=4).eval()
+    _randomise(ref, torch.Generator().manual_seed(5), 0.05)
+    ckpt = str(tmp_path / "gluenet_sound2img_audioclip_us8k.ckpt")
+    torch.save(ref.state_dict(), ckpt)
+    emb = torch.randn(1024, generator=torch.Generator().manual_seed(6))
+    np.save(tmp_path / "dog.npy", (emb / emb.norm()).numpy())
+    unet = UNet2DConditionModel.from_pretrained(str(sd / "unet")).eval()
+    vae = AutoencoderKL.from_pretrained(str(sd / "vae")).eval()
+    tok = AutoTokenizer.from_pretrained(str(sd / "tokenizer"))
+    norms = torch.tensor(adapter.GLUEGEN_CLIP_NORMS)[:, None] / 2
+    with torch.no_grad():
+        c = ref((emb / emb.norm()).reshape(1, 16, 64)) * norms
+        uc = clip(input_ids=tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids)[0]
+        sched = DDIMScheduler.from_config(SD_SCHEDULER_JSON)
+        sched.set_timesteps(50)
+        x = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(23))
+        for t in sched.timesteps:
+            u, cc = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uc, c])).sample.chunk(2)
+            x = sched.step(u + 7.5 * (cc - u), t, x, eta=0.0).prev_sample
+        img = (vae.decode(x / 0.18215).sample / 2 + 0.5).clamp(0, 1)[0]
+    want = (img.permute(1, 2, 0) * 255).to(torch.uint8).numpy()
+    out = str(tmp_path / "dog.png")
+    run_sample("--bridge", ckpt, "--vision", str(sd), "--audio", str(tmp_path / "dog.npy"), "--seed", "23",
+               "--out", out)
+    assert "sampling: ddim, 50 steps, CFG 7.5" in capsys.readouterr().out
+    p = psnr(np.asarray(Image.open(out)), want)
+    print(f"\nGlueGen sound release vs sound2img_gluegen.py's steps: PSNR {p:.1f} dB")
+    assert p >= 40
+    bridge = model.load_bridge(ckpt, vision=str(sd))
+    with torch.no_grad():
+        ours, _ = bridge.encode_text([str(tmp_path / "dog.npy")])
+        text = clip(input_ids=tok(["a red circle"], padding="max_length", max_length=77,
+                                  return_tensors="pt").input_ids)[0]
+        mixed, _ = bridge.encode_native(["a red circle"])
+    _close(ours, c, 1e-5)
+    _close(mixed, text, 1e-6)  # the text half of a mixed prompt: the pipeline's CLIP
+    run_sample("--bridge", ckpt, "--vision", str(sd), "--audio", str(tmp_path / "dog.npy"), "--prompt",
+               "a red circle", "--steps", "2", "--out", str(tmp_path / "mix.png"))
+    np.save(tmp_path / "raw.npy", emb.numpy())
+    np.save(tmp_path / "short.npy", np.ones(512, np.float32) / 512 ** 0.5)
+    for path, msg in (("raw.npy", "of L2 norm 1; this has 1024 values of norm"),
+                      ("short.npy", "has 512 values"), ("none.npy", "AudioCLIP embedding not found")):
+        with pytest.raises(BadInput, match=msg):
+            run_sample("--bridge", ckpt, "--vision", str(sd), "--audio", str(tmp_path / path))
+    with pytest.raises(BadInput, match="give --audio files of AudioCLIP audio embeddings"):
+        run_sample("--bridge", ckpt, "--vision", str(sd), "--prompt", "a dog barking")
 
 
 # -----------------------------------------------------------------------------
