@@ -18,6 +18,7 @@ import wave
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from model_io import (BadInput, MissingInput, build_and_load, check_fixed, find_weight_file, hub_folder,
                       load_weights, read_config)
@@ -400,17 +401,20 @@ class AudioEncoder(nn.Module):
     lora_targets = None
     causal = False
 
-    def __init__(self, model, window, extractor, pool=1):
+    def __init__(self, model, window, extractor, pool=1, stretch=False):
         super().__init__()
         self.model, self.window, self.extractor, self.pool = model, window, extractor, pool
+        self.stretch = stretch
         self.samples = int(round(window * SAMPLE_RATE))
         self.whisper = model.config.model_type == "whisper"
 
     @classmethod
-    def load(cls, source, window=30.0, dtype=torch.float32, device="cpu", pool=1):
+    def load(cls, source, window=30.0, dtype=torch.float32, device="cpu", pool=1, stretch=False):
         """An AUDIO_PRESETS name, a hub id (from the local cache), a 'package:<module>' or a local folder.
         pool > 1: the hidden states averaged over groups of `pool` consecutive tokens (fewer tokens for the
-        adapter: Whisper's 20 ms a token become pool x 20 ms)."""
+        adapter: Whisper's 20 ms a token become pool x 20 ms). stretch: the tokens of the clip itself (not
+        the padding after it) resampled to the window's token count, so that a word lands at about the same
+        token whatever the speed it was said at (a fixed token MLP, as GlueNet's, cannot align time)."""
         if pool < 1:
             raise BadInput(f"audio pool {pool}: must be >= 1")
         from transformers import AutoModel, Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
@@ -428,7 +432,7 @@ class AudioEncoder(nn.Module):
         else:
             raise BadInput(f"{source}: speech model family {kind!r} is not supported; supported: Whisper "
                            f"(CTranslate2 or transformers), {', '.join(W2V_FAMILIES)}")
-        enc = cls(model.to(device, dtype), window, extractor, pool)
+        enc = cls(model.to(device, dtype), window, extractor, pool, stretch)
         if enc.token_count < 1:
             raise BadInput(f"audio pool {pool} is longer than the window's {enc.token_count * pool} tokens")
         return enc
@@ -467,17 +471,27 @@ class AudioEncoder(nn.Module):
             for i, c in enumerate(clips):
                 values = self.extractor(c, sampling_rate=SAMPLE_RATE).input_values[0]
                 feats[i, :len(c)] = torch.from_numpy(np.asarray(values, np.float32))
-        return feats.float(), torch.ones(len(clips), self.token_count, dtype=torch.long)
+        # mask: 1 on the encoder tokens the clip covers (before pooling), 0 on those of the padding after it
+        full = self.token_count * self.pool
+        per_token = self.samples / full
+        spans = [min(full, max(1, math.ceil(len(c) / per_token))) for c in clips]
+        mask = (torch.arange(full)[None] < torch.tensor(spans)[:, None]).long()  # (B, T * pool)
+        return feats.float(), mask
 
     def forward(self, features, mask):
         """features from tokenize(), mask (B, T) (all ones, unused) -> hidden (B, T, D) float32, None."""
         p = next(self.model.parameters())
         x = features.to(p.device, p.dtype)
         out = self.model(input_features=x) if self.whisper else self.model(input_values=x)
-        h = out.last_hidden_state.float()  # (B, T * pool (+ a remainder), D)
+        T = self.token_count
+        h = out.last_hidden_state.float()[:, :T * self.pool]  # (B, T * pool, D), a remainder dropped
+        if self.stretch:  # each clip's own tokens, linearly resampled over the whole length
+            spans = mask.sum(1).tolist()
+            h = torch.cat([F.interpolate(h[i:i + 1, :int(n)].transpose(1, 2), size=T * self.pool,
+                                         mode="linear", align_corners=True).transpose(1, 2)
+                           for i, n in enumerate(spans)])
         if self.pool > 1:
-            T = self.token_count
-            h = h[:, :T * self.pool].reshape(h.shape[0], T, self.pool, h.shape[2]).mean(2)  # (B, T, D)
+            h = h.reshape(h.shape[0], T, self.pool, h.shape[2]).mean(2)  # (B, T, D)
         return h, None
 
     def encode(self, paths_or_arrays):

@@ -391,6 +391,7 @@ class BridgeConfig:
     glue_mult: int = 2          # GlueNet hidden width = mult * width (GlueGen: 2)
     audio_window: float = 30.0  # a speech encoder's input in seconds (Whisper's own: 30; the shapes world: 4)
     audio_pool: int = 1         # a speech encoder's hidden states averaged over this many tokens
+    audio_stretch: bool = False  # ... and first each clip's own tokens resampled over the window
 
 
 @dataclass(frozen=True)
@@ -593,7 +594,7 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dty
         text = load_native_encoder(cfg.vision, dtype, device, pretrained)
     elif speech:
         text = AudioEncoder.load(cfg.lm, window=cfg.audio_window, dtype=dtype, device=device,
-                                 pool=cfg.audio_pool)
+                                 pool=cfg.audio_pool, stretch=cfg.audio_stretch)
     else:
         recipe = recipe_for(cfg.lm, kind)
         if cfg.max_length:

@@ -223,10 +223,11 @@ def main(args):
         sampling = dict(n=args.eval_n, steps=r.steps, guidance=r.guidance, scheduler=r.scheduler)
         base = native_bridge(bridge.cfg.vision, device=device)
         sets = eval_sets(args)
-        rows = {"base model + own encoder": shapes.evaluate_bridge(base, sets=shapes.typed_sets(sets),
-                                                                   **sampling),
-                "bridge after training": shapes.evaluate_bridge(bridge, sets=sets, mix_split=split,
-                                                                **sampling)}
+        typed = shapes.typed_sets(sets)  # a speech bridge's sets as the base model reads them (mixed: none)
+        rows = {}
+        if typed:
+            rows["base model + own encoder"] = shapes.evaluate_bridge(base, sets=typed, **sampling)
+        rows["bridge after training"] = shapes.evaluate_bridge(bridge, sets=sets, mix_split=split, **sampling)
         print(shapes.eval_table(rows))
 
 

