@@ -161,7 +161,8 @@ LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
 # structure: keys, shapes, registration order
 
 
-@pytest.mark.parametrize("name,keys", [("sd14", "sd14_unet"), ("ldm", "ldm_unet"), ("sd", "sd14_vae")])
+@pytest.mark.parametrize("name,keys", [("sd14", "sd14_unet"), ("ldm", "ldm_unet"), ("sd", "sd14_vae"),
+                                       ("sdxl", "sdxl_unet")])
 def test_state_dict_keys_match_official(name, keys):
     """Every tensor name and shape of the official checkpoints, in the same (registration) order."""
     with torch.device("meta"):
@@ -225,6 +226,45 @@ def test_unet_parity_tiny(name, tmp_path):
             assert got.shape == want.shape and err <= (0.0 if name != "pixel_like_odd_size" else 2e-6)
         assert (ours(x, t, ctx) - ours(x, t, ctx, mask)).abs().max() > 1e-3  # the mask does something
         assert (ours(x, t, ctx) - ours(x, t, 0 * ctx)).abs().max() > 1e-3  # and so does the context
+
+
+TINY_SDXL_LIKE = replace(TINY_PIXEL_LIKE, in_channels=4, out_channels=4, addition_embed_type="text_time",
+                         addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
+
+
+def test_sdxl_unet_parity_tiny_and_config(tmp_path):
+    """SDXL's U-Net: every block type of the tiny SDXL-like config (no attention at the first level, depth
+    per level, linear projections) and the text_time addition embedding (pooled text ++ the sinusoids of
+    the six size / crop ids, into the time embedding) against diffusers' UNet2DConditionModel <= 1e-5; the
+    official config file gives the sdxl preset; missing added conditions are a clear error."""
+    cfg = TINY_SDXL_LIKE
+    ref = diffusers_unet(cfg)
+    ref.save_pretrained(tmp_path)
+    ours = unet.UNet.from_pretrained(str(tmp_path))
+    assert ours.cfg == cfg
+    x, t, ctx, mask = unet_inputs(cfg, cfg.sample_size)
+    g = torch.Generator().manual_seed(3)
+    pooled = torch.randn(2, 16, generator=g)
+    ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [768, 1344, 32, 0, 1024, 1024]])
+    with torch.no_grad():
+        for m in (None, mask):
+            want = ref(x, t, ctx, encoder_attention_mask=m,
+                       added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+            got = ours(x, t, ctx, m, text_embeds=pooled, time_ids=ids)
+            err = rel_err(got, want)
+            print(f"sdxl-like mask={m is not None}: max rel err {err:.2e}")
+            assert err <= 1e-5
+        other = ids.clone()
+        other[1, 2] = 64  # another crop: another output
+        assert (ours(x, t, ctx, text_embeds=pooled, time_ids=other) - got).abs().max() > 1e-4
+        with pytest.raises(BadInput, match="needs text_embeds"):
+            ours(x, t, ctx)
+        with pytest.raises(BadInput, match=r"text_embeds must be \(2, 16\)"):
+            ours(x, t, ctx, text_embeds=pooled[:, :8], time_ids=ids)
+    with open(os.path.join(KEYS_DIR, "sdxl_unet_config.json")) as f:
+        assert unet.UNetConfig.from_diffusers(json.load(f)) == unet.UNET_PRESETS["sdxl"]
+    with pytest.raises(BadInput, match="addition_embed_type 'image'"):
+        unet.UNetConfig(addition_embed_type="image")
 
 
 def test_timestep_forms():

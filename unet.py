@@ -8,6 +8,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -330,9 +331,7 @@ UNET_FIXED = {
     "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
     "mid_block_scale_factor": 1, "act_fn": "silu",
     "dual_cross_attention": False, "num_attention_heads": None, "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None, "num_class_embeds": None, "projection_class_embeddings_input_dim": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "class_embed_type": None, "num_class_embeds": None,
     "class_embeddings_concat": False, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
     "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
@@ -364,8 +363,14 @@ class UNetConfig:
     use_linear_projection: bool = False  # SD2: proj_in/proj_out are Linear, else 1x1 convs
     upcast_attention: bool = False
     dropout: float = 0.0
+    # SDXL: "text_time" adds Linear-SiLU-Linear(pooled text ++ sinusoids of the six size / crop ids) to the
+    # time embedding; projection_class_embeddings_input_dim = pooled width + 6 * addition_time_embed_dim
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: Optional[int] = None
+    projection_class_embeddings_input_dim: Optional[int] = None
 
     def __post_init__(self):
+        self.upcast_attention = bool(self.upcast_attention)  # SDXL's file says null: diffusers' False
         for f in ("block_out_channels", "down_block_types", "up_block_types"):
             setattr(self, f, tuple(getattr(self, f)))
         for f in ("attention_head_dim", "transformer_layers_per_block", "layers_per_block",
@@ -388,6 +393,13 @@ class UNetConfig:
                            f"(supported: {UNET_DOWN_TYPES + UNET_UP_TYPES})")
         heads = _per_block(self.attention_head_dim, n, "attention_head_dim")
         _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise BadInput(f"UNetConfig: addition_embed_type {self.addition_embed_type!r} is not supported "
+                           f"(None, or SDXL's text_time)")
+        if self.addition_embed_type and not (self.addition_time_embed_dim and
+                                             self.projection_class_embeddings_input_dim):
+            raise BadInput("UNetConfig: text_time needs addition_time_embed_dim and "
+                           "projection_class_embeddings_input_dim")
         for c, h in zip(self.block_out_channels, heads):
             if c % h or c % self.norm_num_groups:
                 raise BadInput(f"UNetConfig: {c} channels do not divide into {h} heads / "
@@ -405,6 +417,14 @@ class UNetConfig:
 UNET_PRESETS = {
     "sd14": UNetConfig(),
     "ldm": UNetConfig(cross_attention_dim=1280, sample_size=32),  # CompVis/ldm-text2im-large-256
+    # stabilityai/stable-diffusion-xl-base-1.0: no attention at the first level, 1 / 2 / 10 transformer
+    # layers (the mid block 10), linear projections, 2048-d context, pooled 1280 + 6 x 256 ids into the time
+    "sdxl": UNetConfig(sample_size=128, block_out_channels=(320, 640, 1280),
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                       attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                       cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                       addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
 }
 
 
@@ -430,6 +450,8 @@ class UNet(nn.Module):
         # conv_norm_out, conv_out (the LoRA import format walks modules in this order)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
+        if cfg.addition_embed_type == "text_time":  # SDXL's micro-conditions and pooled text
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
         self.down_blocks = nn.ModuleList()
         skip_chs = [ch[0]]  # channels of every skip activation, in the order the encoder produces them
         for i, kind in enumerate(cfg.down_block_types):
@@ -449,10 +471,11 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, x, t, context, context_mask=None):
+    def forward(self, x, t, context, context_mask=None, text_embeds=None, time_ids=None):
         """x (B, C, h, w) noisy latents; t (B,) or a scalar (int, float, 0-d tensor); context (B, T, D);
-        context_mask (B, T) bool or 0/1, 1 = attend (diffusers' encoder_attention_mask).
-        Returns eps (B, C_out, h, w)."""
+        context_mask (B, T) bool or 0/1, 1 = attend (diffusers' encoder_attention_mask). SDXL (text_time):
+        text_embeds (B, P) pooled text, time_ids (B, 6) = original size (h, w), crop top-left (y, x),
+        target size (h, w), in pixels. Returns eps (B, C_out, h, w)."""
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0 or t.numel() == 1:
@@ -471,6 +494,8 @@ class UNet(nn.Module):
         c = self.cfg
         temb = timestep_features(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)  # (B, C0)
         temb = self.time_embedding(temb.to(x.dtype))  # (B, 4*C0)
+        if c.addition_embed_type == "text_time":
+            temb = temb + self.add_embedding(self.text_time(text_embeds, time_ids, B).to(temb.dtype))
 
         h = self.conv_in(x)
         skips = [h]
@@ -481,6 +506,21 @@ class UNet(nn.Module):
         for block in self.up_blocks:
             h = block(h, skips, temb, context, bias)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def text_time(self, text_embeds, time_ids, B):
+        """SDXL's added condition: pooled text (B, P) ++ the sinusoids of the six ids, each
+        addition_time_embed_dim wide (diffusers' add_time_proj) -> (B, projection_class_embeddings_input_dim).
+        """
+        c = self.cfg
+        if text_embeds is None or time_ids is None:
+            raise BadInput("this U-Net (SDXL, text_time) needs text_embeds (B, pooled) and time_ids (B, 6)")
+        want = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        if text_embeds.shape != (B, want) or time_ids.shape != (B, 6):
+            raise BadInput(f"text_embeds must be ({B}, {want}) and time_ids ({B}, 6), got "
+                           f"{tuple(text_embeds.shape)} and {tuple(time_ids.shape)}")
+        ids = timestep_features(time_ids.flatten(), c.addition_time_embed_dim, c.flip_sin_to_cos,
+                                c.freq_shift)  # (B * 6, addition_time_embed_dim)
+        return torch.cat([text_embeds, ids.reshape(B, -1).to(text_embeds.dtype)], dim=-1)
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
