@@ -554,13 +554,13 @@ class Bridge(nn.Module):
         # the initial noise exactly as diffusers draws it: float32 on a seeded CPU generator, then moved
         g = torch.Generator("cpu").manual_seed(seed)
         x = torch.randn((B, self.latent_channels, height // f, width // f), generator=g, dtype=torch.float32)
-        x = x.to(dev, dtype)
         sched = make(recipe.scheduler, {**self.scheduler_config, **dict(recipe.scheduler_overrides)})
         ts, prev = sched.timesteps(steps).tolist(), sched.prev_timesteps(steps).tolist()
+        x = (x * sched.init_noise_sigma).to(dev, dtype)  # 1 but for the sigma-space samplers (Euler)
         bar = tqdm(ts, desc="sampling", disable=not progress, leave=False)
         for i, (t, t_prev) in enumerate(zip(bar, prev)):
-            tt = torch.full((2 * B,), t, device=dev, dtype=torch.long)
-            out = self.denoise(torch.cat([x, x]), tt, ctx2, mask2)  # (2B, C, h, w)
+            tt = torch.full((2 * B,), t, device=dev)  # long, or float for Euler's (fractional) timesteps
+            out = self.denoise(sched.scale_input(torch.cat([x, x]), t), tt, ctx2, mask2)  # (2B, C, h, w)
             uncond, cond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)
             x = sched.step(out, x, t, t_prev, generator=g)

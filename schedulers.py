@@ -1,9 +1,10 @@
 """
-Noise schedulers: the discrete forward process of DDPM and the DDIM, DDPM, DPM-Solver++(2M), UniPC and
-PNDM samplers, each built by make(name, config) from a pipeline's scheduler_config.json exactly as
-diffusers' `.from_config` of the matching class reads it (a key missing from the file takes the class
-default, keys of other classes are ignored, some values are remapped). The schedule is computed once as
-tensors; every sampler has timesteps(n), prev_timesteps(n) and step(model_output, x, t, t_prev, generator).
+Noise schedulers: the discrete forward process of DDPM and the DDIM, DDPM, DPM-Solver++(2M), UniPC,
+PNDM and EulerDiscrete samplers, each built by make(name, config) from a pipeline's scheduler_config.json
+exactly as diffusers' `.from_config` of the matching class reads it (a key missing from the file takes the
+class default, keys of other classes are ignored, some values are remapped). The schedule is computed once
+as tensors; every sampler has timesteps(n), prev_timesteps(n) and step(model_output, x, t, t_prev,
+generator), and the loop's hooks init_noise_sigma and scale_input(x, t) (identities but for Euler's).
 """
 import json
 import os
@@ -71,6 +72,13 @@ class NoiseSchedule:
 
     def reset(self):
         """Forget per-trajectory state (only multistep solvers keep any)."""
+
+    # the sampling loop's two hooks, identities but for the sigma-space samplers (EulerDiscrete):
+    init_noise_sigma = 1.0  # the initial noise is drawn N(0, 1) and multiplied by this
+
+    def scale_input(self, x, t):
+        """The model's input at timestep t (diffusers' scale_model_input)."""
+        return x
 
     def _ac(self, device):
         if device not in self._tables:
@@ -486,7 +494,71 @@ class PNDM(NoiseSchedule):
         return self._transfer(x, t, prev, model_output)
 
 
-SCHEDULERS = {"ddim": DDIM, "ddpm": DDPM, "dpmsolver": DPMSolver, "unipc": UniPC, "pndm": PNDM}
+class EulerDiscrete(NoiseSchedule):
+    """Euler's method in sigma space (Karras et al. 2022, Algorithm 2 without churn), as diffusers'
+    EulerDiscreteScheduler (SDXL's default): sigma_i = sqrt((1 - a) / a) interpolated at the timesteps,
+    the input scaled by 1 / sqrt(sigma^2 + 1), x_next = x + (x - x0) / sigma * (sigma_next - sigma).
+    Its timesteps are floats (fractional under "linspace", its default spacing)."""
+    DEFAULTS = dict(NoiseSchedule.DEFAULTS, timestep_spacing="linspace", interpolation_type="linear",
+                    final_sigmas_type="zero", timestep_type="discrete")
+    UNSUPPORTED = dict(NoiseSchedule.UNSUPPORTED, use_karras_sigmas=False, use_exponential_sigmas=False,
+                       use_beta_sigmas=False, sigma_min=None, sigma_max=None)
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        c = self.config
+        for k, ok in (("interpolation_type", ("linear",)), ("final_sigmas_type", ("zero", "sigma_min")),
+                      ("timestep_type", ("discrete",))):
+            if c[k] not in ok:
+                raise BadInput(f"EulerDiscrete: {k}={c[k]!r} is not supported ({', '.join(ok)})")
+        self._sigma = {}  # timestep -> (sigma, next sigma) of the last timesteps(n)
+
+    def timesteps(self, n):
+        """float32, descending, as diffusers' set_timesteps(n); also fixes the sigmas of this n."""
+        N, c = self.num_train_timesteps, self.config
+        if not 0 < n <= N:
+            raise BadInput(f"number of sampling steps must be in 1..{N}, got {n}")
+        if c["timestep_spacing"] == "linspace":
+            ts = np.linspace(0, N - 1, n, dtype=np.float32)[::-1].copy()
+        elif c["timestep_spacing"] == "leading":
+            ts = (np.arange(0, n) * (N // n)).round()[::-1].copy().astype(np.float32) + c["steps_offset"]
+        else:  # trailing
+            ts = np.arange(N, 0, -N / n).round().astype(np.float32) - 1
+        ac = self.alphas_cumprod
+        table = (((1 - ac) / ac) ** 0.5).numpy()  # float32, computed in torch as diffusers does
+        last = table[0] if c["final_sigmas_type"] == "sigma_min" else 0
+        sigmas = torch.from_numpy(np.concatenate([np.interp(ts, np.arange(len(table)), table), [last]])
+                                  .astype(np.float32))  # (n + 1,)
+        self._sigma = {float(t): (sigmas[i], sigmas[i + 1]) for i, t in enumerate(ts)}
+        top = sigmas.max()
+        spread = c["timestep_spacing"] in ("linspace", "trailing")
+        self.init_noise_sigma = top if spread else (top ** 2 + 1) ** 0.5
+        return torch.from_numpy(ts)
+
+    def _sigmas_at(self, t):
+        if float(t) not in self._sigma:
+            raise BadInput(f"EulerDiscrete: timestep {t} is not one of the last timesteps(n)")
+        return self._sigma[float(t)]
+
+    def scale_input(self, x, t):
+        sigma = self._sigmas_at(t)[0]
+        return x / ((sigma ** 2 + 1) ** 0.5)
+
+    def step(self, model_output, x, t, t_prev=None, generator=None):
+        """x at timestep t -> x at the next of the timesteps (sigma 0 or sigma_min after the last)."""
+        sigma, nxt = self._sigmas_at(t)
+        sample = x.to(torch.float32)
+        if self.prediction_type == "epsilon":
+            x0 = sample - sigma * model_output
+        elif self.prediction_type == "v_prediction":
+            x0 = model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + (sample / (sigma ** 2 + 1))
+        else:
+            x0 = model_output
+        return (sample + (sample - x0) / sigma * (nxt - sigma)).to(model_output.dtype)
+
+
+SCHEDULERS = {"ddim": DDIM, "ddpm": DDPM, "dpmsolver": DPMSolver, "unipc": UniPC, "pndm": PNDM,
+              "euler": EulerDiscrete}
 
 
 def make(name, config):

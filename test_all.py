@@ -1308,6 +1308,48 @@ def test_pndm_matches_diffusers(prk):
     assert len(ts) == 51 and ts[:4] == [981, 961, 961, 941] and ts[-1] == 1
 
 
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (an EulerDiscreteScheduler file, as
+# third-party copies reproduce it: ../shared/reference/sdxl.md)
+SDXL_SCHEDULER_JSON = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012,
+                       "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                       "interpolation_type": "linear",
+                       "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+                       "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                       "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
+
+
+def test_euler_matches_diffusers():
+    """EulerDiscrete against EulerDiscreteScheduler as a pipeline runs it (initial noise x init_noise_sigma,
+    scale_model_input, step; the model output a function of the scaled input): bit-identical for SDXL's
+    file and the three spacings, eps and v, final sigma zero / sigma_min, 10/20/50 steps (fractional
+    timesteps under linspace); SDXL's 50 steps are 981 ... 1, sigma 13.1204 ... 0, initial sigma 13.1585."""
+    from diffusers import EulerDiscreteScheduler
+    for spacing, pred, final, n in itertools.product(SPACINGS, ["epsilon", "v_prediction"],
+                                                     ["zero", "sigma_min"], [10, 20, 50]):
+        c = dict(SDXL_SCHEDULER_JSON, timestep_spacing=spacing, prediction_type=pred, final_sigmas_type=final)
+        ours, ref = schedulers.make("euler", c), EulerDiscreteScheduler.from_config(c)
+        ts = ours.timesteps(n)
+        ref.set_timesteps(n)
+        assert torch.equal(ts, ref.timesteps), (spacing, n)
+        assert torch.equal(torch.as_tensor(ours.init_noise_sigma), torch.as_tensor(ref.init_noise_sigma))
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        x, y = x * ours.init_noise_sigma, x * ref.init_noise_sigma
+        for t in ts.tolist():
+            out_x = torch.tanh(ours.scale_input(x, t)) * 0.7 + 0.01 * t / 1000
+            out_y = torch.tanh(ref.scale_model_input(y, t)) * 0.7 + 0.01 * t / 1000
+            assert torch.equal(out_x, out_y), (spacing, pred, final, n, t)
+            x = ours.step(out_x, x, t)
+            y = ref.step(out_y, t, y).prev_sample
+        assert torch.equal(x, y), (spacing, pred, final, n)
+    sdxl = schedulers.make("euler", SDXL_SCHEDULER_JSON)
+    ts = sdxl.timesteps(50).tolist()
+    assert ts[:2] == [981.0, 961.0] and ts[-1] == 1.0 and len(ts) == 50
+    assert round(float(sdxl.init_noise_sigma), 4) == 13.1585
+    assert round(float(sdxl._sigmas_at(981.0)[0]), 4) == 13.1204 and float(sdxl._sigmas_at(1.0)[1]) == 0
+    with pytest.raises(BadInput, match="use_karras_sigmas"):
+        schedulers.make("euler", dict(SDXL_SCHEDULER_JSON, use_karras_sigmas=True))
+
+
 def test_every_scheduler_from_every_pipeline_file():
     """The SD1.4 (PNDM), PixArt (DPM-Solver) and LDM (DDIM) scheduler files, and PNDM's in-memory config of
     SD1.4 (with its _use_default_values), each built into each of our schedulers by schedulers.make: the
@@ -1316,7 +1358,7 @@ def test_every_scheduler_from_every_pipeline_file():
     ref_classes = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler,
                    "dpmsolver": diffusers.DPMSolverMultistepScheduler,
                    "unipc": diffusers.UniPCMultistepScheduler,
-                   "pndm": diffusers.PNDMScheduler}
+                   "pndm": diffusers.PNDMScheduler, "euler": diffusers.EulerDiscreteScheduler}
     in_memory = dict(diffusers.PNDMScheduler.from_config(SD_SCHEDULER_JSON).config)
     assert sorted(in_memory["_use_default_values"]) == ["prediction_type", "timestep_spacing"]
     files = {"sd": SD_SCHEDULER_JSON, "pixart": PIXART_SCHEDULER_JSON, "ldm": LDM_SCHEDULER_JSON,
@@ -1335,8 +1377,8 @@ def test_every_scheduler_from_every_pipeline_file():
         schedulers.make("dpmsolver", {"solver_type": "heun"})
     assert schedulers.make("unipc", in_memory).config["timestep_spacing"] == "linspace"
     assert schedulers.make("pndm", in_memory).config["timestep_spacing"] == "leading"
-    with pytest.raises(ValueError, match="unknown scheduler 'euler'"):
-        schedulers.make("euler", SD_SCHEDULER_JSON)
+    with pytest.raises(ValueError, match="unknown scheduler 'lms'"):
+        schedulers.make("lms", SD_SCHEDULER_JSON)
     with pytest.raises(ValueError, match="predict_x0"):
         schedulers.make("unipc", {"predict_x0": False})
     with pytest.raises(ValueError, match="solver_order"):
@@ -3618,20 +3660,21 @@ def gluegen_reference_embed(tok, xlmr, glue, prompts, mask=True, norms=True):
 
 
 @torch.no_grad()
-def gluegen_reference_sample(tok, xlmr, glue, unet, vae, sched_json, prompt, seed):
+def gluegen_reference_sample(tok, xlmr, glue, unet, vae, sched_json, prompt, seed, sched_cls=None):
     """GlueGen's multilingual demo (txt2img_demo_ml.py + RobMlgEmbedder_multi, modules.py:290-315): XLM-R
     with its mask on 77 padded tokens, / 3, GlueNet, x CLIP norms / 2; the negative prompt "" through the same
     path; PLMS (diffusers' PNDM without PRK: the same steps for 50, samplers.md), 50 steps, CFG 7.5; the VAE
     at 1 / 0.18215; uint8 by truncation. The noise is drawn from a seeded CPU generator, as ours."""
     from diffusers import PNDMScheduler
     ctx = torch.cat([gluegen_reference_embed(tok, xlmr, glue, [p]) for p in ("", prompt)])
-    sched = PNDMScheduler.from_config(sched_json)
+    sched = (sched_cls or PNDMScheduler).from_config(sched_json)
     sched.set_timesteps(50)
     s = unet.config.sample_size
     x = torch.randn((1, unet.config.in_channels, s, s), generator=torch.Generator("cpu").manual_seed(seed))
     x = x * sched.init_noise_sigma
     for t in sched.timesteps:
-        u, c = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample.chunk(2)
+        inp = sched.scale_model_input(torch.cat([x, x]), t)
+        u, c = unet(inp, t, encoder_hidden_states=ctx).sample.chunk(2)
         x = sched.step(u + 7.5 * (c - u), t, x).prev_sample
     img = (vae.decode(x / 0.18215).sample / 2 + 0.5).clamp(0, 1)[0]
     return (img.permute(1, 2, 0) * 255).to(torch.uint8).numpy()
@@ -3665,6 +3708,15 @@ def test_gluegen_release_samples_as_gluegen(world, tmp_path, capsys):
     assert "sampling: pndm (skip_prk_steps True), 50 steps, CFG 7.5" in capsys.readouterr().out
     p = psnr(np.asarray(Image.open(out)), want)
     print(f"\nGlueGen release vs GlueGen's inference steps: PSNR {p:.1f} dB")
+    assert p >= 40
+    # EulerDiscrete (SDXL's sampler) through the same loop: its initial sigma and input scaling
+    from diffusers import EulerDiscreteScheduler
+    want = gluegen_reference_sample(AutoTokenizer.from_pretrained(xlmr_dir), xlmr, ref, unet, vae,
+                                    SD_SCHEDULER_JSON, prompt, seed=42, sched_cls=EulerDiscreteScheduler)
+    run_sample("--bridge", ckpt, "--lm", xlmr_dir, "--vision", world["sd"], "--prompt", prompt, "--seed",
+               "42", "--scheduler", "euler", "--out", out)
+    p = psnr(np.asarray(Image.open(out)), want)
+    print(f"... with --scheduler euler vs diffusers' EulerDiscreteScheduler: PSNR {p:.1f} dB")
     assert p >= 40
     # the condition itself, GlueGen's to 1e-5, and not what it would be without the mask or the norms
     bridge = model.load_bridge(ckpt, lm=xlmr_dir, vision=world["sd"])
