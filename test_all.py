@@ -4316,7 +4316,7 @@ SAMPLE_CASES = {
     "lm dtype": (["--lm-dtype", "fp16"], "--lm-dtype fp16 is for CUDA"),
     "dtype": (["--dtype", "bf16"], "--dtype bf16 is for CUDA"),
     "empty prompt": (["--prompt", " "], "an empty prompt"),
-    "scheduler": (["--scheduler", "euler"], "invalid choice: 'euler'"),
+    "scheduler": (["--scheduler", "lms"], "invalid choice: 'lms'"),
     "steps not a number": (["--steps", "ten"], "invalid int value: 'ten'"),
 }
 
