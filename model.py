@@ -149,6 +149,13 @@ def recipe_for(lm, kind="unet"):
     return family_recipe(lm_source(lm)[1], kind)
 
 
+def dtype_kw(dtype):
+    """from_pretrained's dtype keyword: transformers >= 4.56 names it dtype, older ones torch_dtype."""
+    import transformers
+    new_api = tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (4, 56)
+    return {"dtype": dtype} if new_api else {"torch_dtype": dtype}
+
+
 class TextEncoder(nn.Module):
     """A Hugging Face language model used as a frozen / LoRA-tuned text encoder under a TextRecipe.
     self.model is the HF module, its module names intact (LoRA paths and the release's lists refer to
@@ -187,10 +194,7 @@ class TextEncoder(nn.Module):
             raise BadInput(f"{name_or_path}: language model family {family!r} is not supported; supported: "
                            f"{', '.join(sorted(FAMILIES))}")
         recipe = recipe if recipe is not None else recipe_for(name_or_path)
-        # transformers >= 4.56 names it dtype, older ones torch_dtype
-        new_api = tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (4, 56)
-        kw = {"dtype": dtype} if new_api else {"torch_dtype": dtype}
-        model = getattr(transformers, FAMILIES[family].cls).from_pretrained(folder, **kw)
+        model = getattr(transformers, FAMILIES[family].cls).from_pretrained(folder, **dtype_kw(dtype))
         if recipe.round_weights_fp16:  # = loading the weights in fp16, then casting up
             # parameters only: buffers such as rotary inv_freq are rebuilt in fp32 on load
             with torch.no_grad():
@@ -263,6 +267,66 @@ class LDMBertEncoder(nn.Module):
         return (h if h.dtype == torch.float64 else h.float()), None
 
 
+class SDXLTextEncoder(nn.Module):
+    """SDXL's native text path (diffusers' StableDiffusionXLPipeline.encode_prompt): CLIP ViT-L
+    (text_encoder/) and OpenCLIP bigG (text_encoder_2/, with its projection), each on 77 padded tokens of its
+    own tokenizer, no mask; the context is both penultimate hidden states (no final LayerNorm) side by side,
+    768 + 1280 = 2048 wide; the pooled vector is bigG's projected end-of-text embedding (1280).
+    TextEncoder's interface for the context; encode_pooled() for (context, pooled)."""
+    lora_targets, causal = None, False
+
+    def __init__(self, tokenizers, models):
+        super().__init__()
+        self.tokenizers, self.models = tokenizers, nn.ModuleList(models)
+        self.model = self.models[0]  # (Bridge.merge_lora walks .model; these carry no LoRA)
+        for tok in tokenizers:
+            tok.padding_side = "right"
+
+    @classmethod
+    def load(cls, folder, dtype=torch.float32, device="cpu"):
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+        subs = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+        missing = [s for s in subs if not os.path.isdir(os.path.join(folder, s))]
+        if missing:
+            raise MissingInput(f"{folder}: SDXL's text path needs {', '.join(missing)}")
+        kw = dtype_kw(dtype)
+        models = [CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), **kw),
+                  CLIPTextModelWithProjection.from_pretrained(os.path.join(folder, "text_encoder_2"), **kw)]
+        toks = [AutoTokenizer.from_pretrained(os.path.join(folder, s)) for s in ("tokenizer", "tokenizer_2")]
+        return cls(toks, [m.to(device).eval() for m in models])
+
+    @property
+    def width(self):
+        return sum(m.config.hidden_size for m in self.models)
+
+    @property
+    def token_count(self):
+        return 77
+
+    def tokenize(self, prompts):
+        """prompts -> ids (B, 2, 77): one row per tokenizer; mask of ones (B, 77) (no mask anywhere)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = [tok(prompts, padding="max_length", max_length=77, truncation=True,
+                   return_tensors="pt").input_ids for tok in self.tokenizers]
+        return torch.stack(ids, dim=1), torch.ones(len(prompts), 77, dtype=torch.long)
+
+    def encode_pooled(self, ids, mask=None):
+        """ids (B, 2, 77) -> context (B, 77, 2048) float32, pooled (B, 1280) float32."""
+        dev = next(self.models[0].parameters()).device
+        hidden, pooled = [], None
+        for j, m in enumerate(self.models):
+            out = m(input_ids=ids[:, j].to(dev), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2].float())
+            pooled = getattr(out, "text_embeds", pooled)
+        return torch.cat(hidden, dim=-1), pooled.float()
+
+    def forward(self, ids, mask):
+        return self.encode_pooled(ids, mask)[0], None
+
+    def encode(self, prompts):
+        return self(*self.tokenize(prompts))
+
+
 # -----------------------------------------------------------------------------
 # vision models: names, downloads, loading
 
@@ -275,7 +339,8 @@ VISION_PRESETS = {  # --vision names: hub repo of the diffusers pipeline
 }  # and "shapes" / "shapes:PATH", the shapes world's base model (shapes.py)
 # the parts of a pipeline a bridge needs (never the text encoder: the LM replaces it), and the native encoder
 VISION_FILES = ["unet/*", "transformer/*", "vae/*", "vqvae/*", "scheduler/*", "model_index.json"]
-NATIVE_FILES = ["text_encoder/*", "tokenizer/*", "bert/*", "model_index.json"]
+NATIVE_FILES = ["text_encoder/*", "tokenizer/*", "text_encoder_2/*", "tokenizer_2/*", "bert/*",
+                "model_index.json"]
 
 
 def is_shapes(vision):
@@ -361,6 +426,8 @@ def load_native_encoder(vision, dtype=torch.float32, device="cpu", pretrained=Tr
             raise MissingInput(f"{vision} has bert/ but no tokenizer/ for it")
         model = LDMBert.from_pretrained(os.path.join(folder, "bert"), dtype=dtype, device=device)
         return LDMBertEncoder(AutoTokenizer.from_pretrained(tok_dir), model).requires_grad_(False).eval()
+    if os.path.isdir(os.path.join(folder, "text_encoder_2")):  # SDXL: CLIP-L + OpenCLIP bigG
+        return SDXLTextEncoder.load(folder, dtype=dtype, device=device).requires_grad_(False).eval()
     enc_dir = os.path.join(folder, "text_encoder")
     missing = [d for d in (enc_dir, tok_dir) if not os.path.isdir(d)]
     if missing:

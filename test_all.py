@@ -1432,6 +1432,52 @@ def _word_tokenizer(folder, specials, template, **names):
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 
 
+def test_sdxl_native_text_path(tmp_path):
+    """SDXL's two text encoders as its pipeline encodes a prompt: CLIP-L's and bigG's penultimate hidden
+    states side by side (768 + 1280 in the real one; 32 + 48 here) and bigG's projected pooled vector,
+    against transformers' CLIPTextModel + CLIPTextModelWithProjection on the same tokens (each its own
+    tokenizer: the second pads with "!"): <= 1e-5; load_native_encoder finds it in a pipeline folder."""
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    root = tmp_path / "sdxl"
+    specs = (("text_encoder", "tokenizer", CLIPTextModel, 32, ["<|startoftext|>", "<|endoftext|>"],
+              "<|endoftext|>"),
+             ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection, 48,
+              ["!", "<|endoftext|>", "<|startoftext|>"], "!"))
+    refs = []
+    for enc, tok, cls, width, specials, pad in specs:
+        vocab = _tokenizer(str(root / tok), specials, "<|startoftext|> $A <|endoftext|>",
+                           bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token=pad,
+                           unk_token="<|endoftext|>")
+        cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+                             num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
+                             projection_dim=width, bos_token_id=vocab["<|startoftext|>"],
+                             eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab[pad])
+        torch.manual_seed(len(refs))
+        m = cls(cfg).eval()
+        _randomise(m, torch.Generator().manual_seed(9 + len(refs)), 0.02)
+        m.save_pretrained(str(root / enc))
+        refs.append((AutoTokenizer.from_pretrained(str(root / tok)), m))
+    native = model.load_native_encoder(str(root))
+    assert isinstance(native, model.SDXLTextEncoder) and native.width == 80 and native.token_count == 77
+    prompts = ["a red circle", "two big blue squares left of a triangle"]
+    ids, mask = native.tokenize(prompts)
+    assert ids.shape == (2, 2, 77) and (ids[0, 1, 5:] == 0).all() and (ids[0, 0, 5:] == 1).all()  # pads
+    with torch.no_grad():
+        ctx, pooled = native.encode_pooled(ids)
+        want = []
+        for (tok, m) in refs:
+            t = tok(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+            want.append(m(input_ids=t, output_hidden_states=True))
+        _close(ctx, torch.cat([w.hidden_states[-2] for w in want], -1), 1e-5)
+        _close(pooled, want[1].text_embeds, 1e-5)
+        # the penultimate layer, not the last
+        assert not torch.allclose(ctx[..., :32], want[0].last_hidden_state, atol=1e-3)
+        assert torch.equal(native(ids, mask)[0], ctx) and native(ids, mask)[1] is None
+    (root / "tokenizer_2").rename(root / "tok2")
+    with pytest.raises(MissingInput, match="needs tokenizer_2"):
+        model.load_native_encoder(str(root))
+
+
 def _check_mask_reaches(hidden, with_mask, without_mask, mask_to_lm):
     """Ours equals the HF call with the mask it should get, and differs from the other one."""
     want, other = (with_mask, without_mask) if mask_to_lm else (without_mask, with_mask)
