@@ -336,6 +336,7 @@ VISION_PRESETS = {  # --vision names: hub repo of the diffusers pipeline
     "ldm": "CompVis/ldm-text2im-large-256",
     "pixart-512": "PixArt-alpha/PixArt-XL-2-512x512",
     "pixart-1024": "PixArt-alpha/PixArt-XL-2-1024-MS",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",  # so far with its native text path only (--lm native)
 }  # and "shapes" / "shapes:PATH", the shapes world's base model (shapes.py)
 # the parts of a pipeline a bridge needs (never the text encoder: the LM replaces it), and the native encoder
 VISION_FILES = ["unet/*", "transformer/*", "vae/*", "vqvae/*", "scheduler/*", "model_index.json"]
@@ -484,6 +485,7 @@ class Sampling:
 RELEASE_SAMPLING = Sampling("unipc", 50, 7.5, ", best quality, extremely detailed, 4k resolution",
                             (("final_sigmas_type", "sigma_min"),))
 SHAPES_SAMPLING = Sampling("ddim", shapes.STEPS, shapes.GUIDANCE)
+SDXL_SAMPLING = Sampling("euler", 50, 5.0)  # StableDiffusionXLPipeline's defaults (its Euler scheduler file)
 # GlueGen's demos on SD v1.5 (CompVis samplers): the multilingual one PLMS (= PNDM without its Runge-Kutta
 # start, as SD's scheduler config has it), the sound one DDIM (eta 0; its script forces it); 50 steps, CFG 7.5
 GLUEGEN_SAMPLING = Sampling("pndm", 50, 7.5, "", (("skip_prk_steps", True),))
@@ -505,7 +507,8 @@ class Bridge(nn.Module):
         self.lora_vis_paths, self.lora_text_paths = [], []
         self.native = None  # a speech bridge: the vision model's own text encoder (negative, mixed prompts)
         self.train_sched = DDPM(scheduler_config)
-        self.sampling = SHAPES_SAMPLING if is_shapes(cfg.vision) else Sampling()
+        self.sampling = (SHAPES_SAMPLING if is_shapes(cfg.vision) else SDXL_SAMPLING if self.sdxl
+                         else Sampling())
 
     @property
     def size_factor(self):
@@ -562,9 +565,28 @@ class Bridge(nn.Module):
         mean, logvar = self.vae.encode(images)
         return mean, torch.exp(0.5 * logvar)
 
-    def denoise(self, x, t, ctx, mask=None):
-        """x (B, C, h, w), t (B,) -> the model output the scheduler expects (learned sigma dropped)."""
-        if self.kind == "dit" and self.denoiser.cfg.micro_conditions:  # PixArt 1024-MS: image size in pixels
+    @property
+    def sdxl(self):
+        """The vision model takes SDXL's added conditions (pooled text, size and crop ids)."""
+        return self.kind == "unet" and self.denoiser.cfg.addition_embed_type == "text_time"
+
+    def encode_sdxl(self, prompts, zeros=False):
+        """SDXL's conditions of prompts: (context (B, 77, 2048), pooled (B, 1280)); zeros=True: both zero, as
+        SDXL's pipeline takes an empty negative prompt (force_zeros_for_empty_prompt). Only the native text
+        path gives a pooled vector so far: a bridge into SDXL needs a pooled head (not here yet)."""
+        if not isinstance(self.text, SDXLTextEncoder) or self.adapter is not None:
+            raise BadInput("SDXL takes a pooled text vector beside the context: only its native text path "
+                           "(--lm native) gives one here; bridges into SDXL are not here yet")
+        dev = next(self.denoiser.parameters()).device
+        ctx, pooled = self.text.encode_pooled(self.text.tokenize(list(prompts))[0].to(dev))
+        return (torch.zeros_like(ctx), torch.zeros_like(pooled)) if zeros else (ctx, pooled)
+
+    def denoise(self, x, t, ctx, mask=None, added=None):
+        """x (B, C, h, w), t (B,) -> the model output the scheduler expects (learned sigma dropped).
+        added: SDXL's (pooled (B, P), time_ids (B, 6))."""
+        if added is not None:
+            out = self.denoiser(x, t, ctx, mask, text_embeds=added[0], time_ids=added[1])
+        elif self.kind == "dit" and self.denoiser.cfg.micro_conditions:  # PixArt 1024-MS: size in pixels
             f = self.vae.downscale
             h, w = x.shape[-2] * f, x.shape[-1] * f
             res = torch.tensor([[h, w]], device=x.device, dtype=x.dtype).expand(x.shape[0], 2)  # (B, 2)
@@ -584,12 +606,15 @@ class Bridge(nn.Module):
 
     @torch.no_grad()
     def sample(self, prompts, negative_prompt="", steps=None, guidance=None, height=None, width=None, seed=0,
-               scheduler=None, prompt_suffix=None, progress=True, mix=None, mix_split=3):
+               scheduler=None, prompt_suffix=None, progress=True, mix=None, mix_split=3, original_size=None,
+               crop=(0, 0), target_size=None):
         """Images (B, H, W, 3) uint8 for a list of prompts, with classifier-free guidance. The sampler
         (a schedulers.SCHEDULERS name, built from the pipeline's scheduler config), steps, guidance and the
         suffix of the positive prompts are self.sampling's where not given. A speech bridge takes clips (WAV
         paths or 16 kHz arrays) as prompts and its negative prompt, text, through the vision model's own
-        encoder (GlueGen: CLIP's ""); mix: one text per clip, mixed in by GlueGen's rule (gluegen_mix)."""
+        encoder (GlueGen: CLIP's ""); mix: one text per clip, mixed in by GlueGen's rule (gluegen_mix).
+        SDXL: its micro-conditions original_size (h, w), crop (top, left) and target_size (h, w) in pixels,
+        the sizes by default the image's, as its pipeline sets them."""
         recipe = self.sampling.but(scheduler, steps, guidance, prompt_suffix)
         steps, guidance = recipe.steps, recipe.guidance
         speech = self.native is not None
@@ -609,10 +634,20 @@ class Bridge(nn.Module):
         if height % self.size_factor or width % self.size_factor or min(height, width) <= 0:
             raise BadInput(f"image size {height}x{width}: height and width must be positive multiples of "
                            f"{self.size_factor} for this model")
-        ctx, mask = self.encode_text(prompts)
+        added = None
+        if self.sdxl:  # pooled text and the size ids, for both halves of the CFG batch
+            (ctx, pooled), (nctx, npooled) = self.encode_sdxl(prompts), self.encode_sdxl(
+                [negative_prompt] * B, zeros=negative_prompt == "")
+            ids = [*(original_size or (height, width)), *crop, *(target_size or (height, width))]
+            time_ids = torch.tensor([ids], device=dev, dtype=dtype).expand(2 * B, 6)
+            added = (torch.cat([npooled, pooled]).to(dtype), time_ids)
+            mask = nmask = None
+        else:
+            ctx, mask = self.encode_text(prompts)
         if mix is not None:
             ctx = gluegen_mix(ctx, self.encode_native(mix)[0].to(ctx.dtype), mix_split)
-        nctx, nmask = (self.encode_native if speech else self.encode_text)([negative_prompt] * B)
+        if not self.sdxl:
+            nctx, nmask = (self.encode_native if speech else self.encode_text)([negative_prompt] * B)
         if not (torch.isfinite(ctx).all() and torch.isfinite(nctx).all()):
             raise BadInput("the text features are not finite (NaN or inf): the language model or the adapter "
                            "gives them")
@@ -627,7 +662,8 @@ class Bridge(nn.Module):
         bar = tqdm(ts, desc="sampling", disable=not progress, leave=False)
         for i, (t, t_prev) in enumerate(zip(bar, prev)):
             tt = torch.full((2 * B,), t, device=dev)  # long, or float for Euler's (fractional) timesteps
-            out = self.denoise(sched.scale_input(torch.cat([x, x]), t), tt, ctx2, mask2)  # (2B, C, h, w)
+            inp = sched.scale_input(torch.cat([x, x]), t)
+            out = self.denoise(inp, tt, ctx2, mask2, added)  # (2B, C, h, w)
             uncond, cond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)
             x = sched.step(out, x, t, t_prev, generator=g)

@@ -59,6 +59,9 @@ def get_parser():
                    help="appended to every prompt, not the negative one (default: the recipe's; '' for none)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
+    p.add_argument("--original-size", type=pair, default=None,
+                   help="SDXL's micro-condition H,W in pixels (default: the image's size)")
+    p.add_argument("--crop", type=pair, default=(0, 0), help="SDXL's micro-condition crop top,left in pixels")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initial noise (a CPU generator, as diffusers)")
     # where and how
@@ -78,6 +81,17 @@ def get_parser():
                         "bridge: spoken, spoken-unseen, mixed; default: seen,unseen,paraphrase or the spoken "
                         "ones)")
     return p
+
+
+def pair(s):
+    """'H,W' -> (H, W) non-negative ints."""
+    try:
+        a, b = (int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: give two integers as H,W") from None
+    if a < 0 or b < 0:
+        raise argparse.ArgumentTypeError(f"{s!r}: must not be negative")
+    return a, b
 
 
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")  # --out with one of these is an image file, else a folder
@@ -204,8 +218,11 @@ def main(args):
     else:
         prompts = captions = [p for p in (args.prompt or default) for _ in range(args.n)]
         mix = None
+    if not bridge.sdxl and (args.original_size or tuple(args.crop) != (0, 0)):
+        raise BadInput("--original-size and --crop are SDXL's micro-conditions; this vision model has none")
+    sdxl = dict(original_size=args.original_size, crop=args.crop) if bridge.sdxl else {}
     imgs = bridge.sample(prompts, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                         seed=args.seed, mix=mix, mix_split=split)
+                         seed=args.seed, mix=mix, mix_split=split, **sdxl)
     imgs = imgs.numpy()
     if out.lower().endswith(IMAGE_TYPES):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -1432,13 +1432,9 @@ def _word_tokenizer(folder, specials, template, **names):
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 
 
-def test_sdxl_native_text_path(tmp_path):
-    """SDXL's two text encoders as its pipeline encodes a prompt: CLIP-L's and bigG's penultimate hidden
-    states side by side (768 + 1280 in the real one; 32 + 48 here) and bigG's projected pooled vector,
-    against transformers' CLIPTextModel + CLIPTextModelWithProjection on the same tokens (each its own
-    tokenizer: the second pads with "!"): <= 1e-5; load_native_encoder finds it in a pipeline folder."""
+def _sdxl_text(root):
+    """SDXL's two tiny random text encoders and tokenizers into a pipeline folder: [(tokenizer, model)]."""
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    root = tmp_path / "sdxl"
     specs = (("text_encoder", "tokenizer", CLIPTextModel, 32, ["<|startoftext|>", "<|endoftext|>"],
               "<|endoftext|>"),
              ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection, 48,
@@ -1447,7 +1443,7 @@ def test_sdxl_native_text_path(tmp_path):
     for enc, tok, cls, width, specials, pad in specs:
         vocab = _tokenizer(str(root / tok), specials, "<|startoftext|> $A <|endoftext|>",
                            bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token=pad,
-                           unk_token="<|endoftext|>")
+                           unk_token="<|endoftext|>", model_max_length=77)
         cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
                              num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
                              projection_dim=width, bos_token_id=vocab["<|startoftext|>"],
@@ -1457,6 +1453,16 @@ def test_sdxl_native_text_path(tmp_path):
         _randomise(m, torch.Generator().manual_seed(9 + len(refs)), 0.02)
         m.save_pretrained(str(root / enc))
         refs.append((AutoTokenizer.from_pretrained(str(root / tok)), m))
+    return refs
+
+
+def test_sdxl_native_text_path(tmp_path):
+    """SDXL's two text encoders as its pipeline encodes a prompt: CLIP-L's and bigG's penultimate hidden
+    states side by side (768 + 1280 in the real one; 32 + 48 here) and bigG's projected pooled vector,
+    against transformers' CLIPTextModel + CLIPTextModelWithProjection on the same tokens (each its own
+    tokenizer: the second pads with "!"): <= 1e-5; load_native_encoder finds it in a pipeline folder."""
+    root = tmp_path / "sdxl"
+    refs = _sdxl_text(root)
     native = model.load_native_encoder(str(root))
     assert isinstance(native, model.SDXLTextEncoder) and native.width == 80 and native.token_count == 77
     prompts = ["a red circle", "two big blue squares left of a triangle"]
@@ -3787,6 +3793,51 @@ def test_gluegen_release_samples_as_gluegen(world, tmp_path, capsys):
     torch.save(RefTranslatorWHead(16, 77, 8, 24, depth=4).state_dict(), sound)
     with pytest.raises(model_io.BadInput, match="sound GlueNet: give --audio files of AudioCLIP"):
         run_sample("--bridge", sound, "--lm", xlmr_dir, "--vision", world["sd"], "--prompt", "a")
+
+
+def test_sdxl_native_samples_as_diffusers_pipeline(tmp_path):
+    """A tiny random SDXL pipeline (the text_time U-Net, a VAE at 0.13025, SDXL's Euler scheduler file, both
+    text encoders) sampled by its native bridge with the micro-conditions (original size, crop, target
+    size) equals diffusers' StableDiffusionXLPipeline on the same noise (PSNR >= 40 dB): Euler by default,
+    the empty negative prompt as zeros (force_zeros_for_empty_prompt); another crop gives another image."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    root = tmp_path / "sdxl"
+    refs = _sdxl_text(root)
+    cfg = replace(TINY_SDXL_LIKE, cross_attention_dim=80, projection_class_embeddings_input_dim=48 + 6 * 8)
+    unet_ref = diffusers_unet(cfg)
+    unet_ref.save_pretrained(str(root / "unet"))
+    torch.manual_seed(4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
+                        scaling_factor=0.13025).eval()
+    vae.save_pretrained(str(root / "vae"))
+    os.makedirs(root / "scheduler")
+    with open(root / "scheduler" / "scheduler_config.json", "w") as f:
+        json.dump(SDXL_SCHEDULER_JSON, f)
+    bridge = model.native_bridge(str(root))
+    assert bridge.sdxl and bridge.sampling.scheduler == "euler"
+    prompt, size = "a big red circle left of a blue square", 16
+    ours = bridge.sample([prompt], steps=6, guidance=5.0, height=size, width=size, seed=3, progress=False,
+                         original_size=(24, 20), crop=(2, 0)).numpy()[0]
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=refs[0][1], text_encoder_2=refs[1][1],
+                                     tokenizer=refs[0][0], tokenizer_2=refs[1][0],
+                                     unet=UNet2DConditionModel.from_pretrained(str(root / "unet")).eval(),
+                                     scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_JSON))
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn((1, 4, size // 2, size // 2), generator=torch.Generator("cpu").manual_seed(3))
+    with torch.no_grad():
+        img = pipe(prompt, height=size, width=size, num_inference_steps=6, guidance_scale=5.0, latents=noise,
+                   original_size=(24, 20), crops_coords_top_left=(2, 0), target_size=(size, size),
+                   output_type="np").images[0]
+    want = (img * 255).astype(np.uint8)
+    p = psnr(ours, want)
+    print(f"\nSDXL native vs StableDiffusionXLPipeline: PSNR {p:.1f} dB")
+    assert p >= 40
+    other = bridge.sample([prompt], steps=6, guidance=5.0, height=size, width=size, seed=3, progress=False,
+                          original_size=(24, 20), crop=(8, 4)).numpy()[0]
+    assert not np.array_equal(other, ours)
 
 
 def test_gluegen_sound_release_samples_as_gluegen(world, tmp_path, capsys):
