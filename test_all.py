@@ -1309,7 +1309,7 @@ def test_pndm_matches_diffusers(prk):
 
 
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (an EulerDiscreteScheduler file, as
-# third-party copies reproduce it: ../shared/reference/sdxl.md)
+# third-party copies reproduce it)
 SDXL_SCHEDULER_JSON = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012,
                        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
                        "interpolation_type": "linear",
