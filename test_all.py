@@ -428,7 +428,8 @@ def unet_to_original(key, cfg):
     """diffusers U-Net name -> CompVis name, written out by hand from the LDM openaimodel.py layout."""
     p, L1 = key.split("."), cfg.layers_per_block + 1
     simple = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     if ".".join(p[:-1]) in simple:
         return simple[".".join(p[:-1])] + "." + p[-1]
     if p[0] == "mid_block":
@@ -535,6 +536,35 @@ def test_single_file_original_layout(name, tmp_path):
               str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match="cannot infer the config.*down_blocks.1"):
         unet.UNet.from_pretrained(str(tmp_path / "partial.safetensors"))
+
+
+def test_sdxl_single_file_layout(tmp_path):
+    """SDXL's original single file (model.diffusion_model.* with label_emb, conditioner.embedders.* beside
+    it): the hand-renamed keys are what diffusers' convert_ldm_unet_checkpoint reads; our loader infers the
+    config (text_time, its 256-wide id sinusoids, depth per level, linear projections) and matches the
+    reference <= 1e-5 with the added conditions."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    cfg = unet.UNetConfig(sample_size=8, block_out_channels=(64, 128), layers_per_block=2,
+                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 2),
+                          transformer_layers_per_block=(1, 2), cross_attention_dim=32,
+                          use_linear_projection=True, addition_embed_type="text_time",
+                          addition_time_embed_dim=256, projection_class_embeddings_input_dim=16 + 6 * 256)
+    ref = diffusers_unet(cfg)
+    u_sd = ref.state_dict()
+    single = {"model.diffusion_model." + unet_to_original(k, cfg): v for k, v in u_sd.items()}
+    single["conditioner.embedders.1.model.ln_final.weight"] = torch.ones(8)
+    conv = convert_ldm_unet_checkpoint(single, dict(ref.config))
+    assert conv.keys() == u_sd.keys() and all(torch.equal(conv[k], u_sd[k]) for k in u_sd)
+    save_file({k: v.contiguous() for k, v in single.items()}, str(tmp_path / "sdxl.safetensors"))
+    ours = unet.UNet.from_pretrained(str(tmp_path / "sdxl.safetensors"))
+    assert asdict(ours.cfg) == {**asdict(cfg), "sample_size": 64}
+    x, t, ctx, _ = unet_inputs(cfg, 8)
+    pooled = torch.randn(2, 16, generator=torch.Generator().manual_seed(5))
+    ids = torch.tensor([[64.0, 64, 0, 0, 64, 64], [48, 80, 8, 0, 64, 64]])
+    with torch.no_grad():
+        want = ref(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+        _close(ours(x, t, ctx, text_embeds=pooled, time_ids=ids), want, 1e-5)
 
 
 def test_key_maps_directly():

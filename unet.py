@@ -692,6 +692,7 @@ VAE_PREFIX = "first_stage_model."  # the VAE inside an original SD/LDM single fi
 # The rest of an original SD/LDM single file, skipped by both loaders (anything else is an error):
 SINGLE_FILE_OTHER_PREFIXES = (
     "cond_stage_model.",  # the text encoder (CLIP in SD, LDMBert in LDM): loaded elsewhere
+    "conditioner.",  # SDXL's two text encoders (conditioner.embedders.0 / .1): loaded elsewhere
     "model_ema.",  # EMA copies under flattened names (sd-v1-4-full-ema.ckpt); the plain weights are used
     "loss.",  # discriminator / LPIPS of a bare VAE training checkpoint
 )
@@ -703,7 +704,9 @@ SINGLE_FILE_OTHER_KEYS = (  # the DDPM schedule buffers of the original LatentDi
 )
 
 _UNET_TOP_NAMES = {"time_embed.0.": "time_embedding.linear_1.", "time_embed.2.": "time_embedding.linear_2.",
-                   "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out."}
+                   "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out.",
+                   # SDXL's added conditions (SGM's label_emb, "sequential")
+                   "label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2."}
 _UNET_RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                       "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 
@@ -798,9 +801,14 @@ def infer_unet_config(sd):
     depth = [_count(sd, rf"down_blocks\.{i}\.attentions\.0\.transformer_blocks\.(\d+)\.") or 1
              for i in range(n)]
     depth[-1] = _count(sd, r"mid_block\.attentions\.0\.transformer_blocks\.(\d+)\.")  # diffusers: the last
+    # SDXL: its added conditions' width is in the tensors, the 256 sinusoid width of each id is its convention
+    added = sd.get("add_embedding.linear_1.weight")
+    sdxl = {} if added is None else dict(addition_embed_type="text_time", addition_time_embed_dim=256,
+                                         projection_class_embeddings_input_dim=added.shape[1])
     return UNetConfig(
-        # LDM text2im-large-256 (32) vs SD1.x at 512 px (64): a default only
-        sample_size=32 if cross == 1280 else 64,
+        **sdxl,
+        # LDM text2im-large-256 (32), SDXL (128) vs SD1.x at 512 px (64): a default only
+        sample_size={1280: 32, 2048: 128}.get(cross, 64),
         in_channels=sd["conv_in.weight"].shape[1], out_channels=sd["conv_out.weight"].shape[0],
         block_out_channels=ch, layers_per_block=_count(sd, r"down_blocks\.0\.resnets\.(\d+)\."),
         down_block_types=tuple("CrossAttnDownBlock2D" if f"down_blocks.{i}.attentions.0.norm.weight" in sd
