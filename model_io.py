@@ -74,6 +74,8 @@ def load_weights(path):
     A nested {"state_dict": ...} (an original .ckpt, a PixArt .pth) is unwrapped."""
     if not os.path.isfile(path):
         raise MissingInput(f"weight file not found: {path}")
+    if path.endswith(".index.json"):
+        return load_sharded(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         try:
@@ -130,12 +132,32 @@ def writable(folder):
 
 
 def find_weight_file(folder):
-    """The weight file of a diffusers / transformers component folder, safetensors preferred."""
+    """The weight file of a diffusers / transformers component folder, safetensors preferred; for a sharded
+    one (what save_pretrained writes over its shard size, e.g. SDXL's fp32 U-Net) its .index.json."""
     for name in WEIGHT_NAMES:
-        p = os.path.join(folder, name)
-        if os.path.isfile(p):
-            return p
-    raise MissingInput(f"no weight file in {folder} (looked for {', '.join(WEIGHT_NAMES)})")
+        for p in (os.path.join(folder, name), os.path.join(folder, name + ".index.json")):
+            if os.path.isfile(p):
+                return p
+    raise MissingInput(f"no weight file in {folder} (looked for {', '.join(WEIGHT_NAMES)}, and their "
+                       f".index.json)")
+
+
+def load_sharded(index):
+    """The flat state dict of a sharded checkpoint from its .index.json (weight_map: name -> shard file):
+    every shard read (memory-mapped where the format allows), and every name the index lists found in its
+    shard."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BadInput(f"{index}: not a readable shard index ({e})") from None
+    folder, sd = os.path.dirname(index), {}
+    for shard in sorted(set(weight_map.values())):
+        sd.update(load_weights(os.path.join(folder, shard)))
+    missing = [k for k in weight_map if k not in sd]
+    if missing:
+        raise BadInput(f"{index}: {len(missing)} tensor(s) it lists are in no shard, e.g. {missing[0]}")
+    return sd
 
 
 def read_config(folder):

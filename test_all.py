@@ -538,6 +538,30 @@ def test_single_file_original_layout(name, tmp_path):
         unet.UNet.from_pretrained(str(tmp_path / "partial.safetensors"))
 
 
+def test_sharded_component_folder(tmp_path):
+    """A component folder saved in shards (what save_pretrained writes past its shard size: SDXL's fp32
+    U-Net) loads from its index; a shard missing, or a tensor the index lists but no shard holds, is one
+    clear error."""
+    cfg = TINY_SD_LIKE
+    ref = diffusers_unet(cfg)
+    ref.save_pretrained(tmp_path, max_shard_size="200KB")
+    shards = sorted(tmp_path.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "diffusion_pytorch_model.safetensors.index.json").exists()
+    ours = unet.UNet.from_pretrained(str(tmp_path))
+    x, t, ctx, _ = unet_inputs(cfg, cfg.sample_size)
+    with torch.no_grad():
+        assert torch.equal(ours(x, t, ctx), ref(x, t, ctx).sample)
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["extra.weight"] = shards[0].name
+    index.write_text(json.dumps(data))
+    with pytest.raises(BadInput, match="1 tensor.*in no shard, e.g. extra.weight"):
+        unet.UNet.from_pretrained(str(tmp_path))
+    shards[-1].unlink()
+    with pytest.raises(MissingInput, match="weight file not found"):
+        unet.UNet.from_pretrained(str(tmp_path))
+
+
 def test_sdxl_single_file_layout(tmp_path):
     """SDXL's original single file (model.diffusion_model.* with label_emb, conditioner.embedders.* beside
     it): the hand-renamed keys are what diffusers' convert_ldm_unet_checkpoint reads; our loader infers the
@@ -729,14 +753,18 @@ def peak_rss_loading(folder):
 def full_unet_parity(preset, tmp_path, tol, measure_rss=False):
     cfg = unet.UNET_PRESETS[preset]
     x, t, ctx, _ = unet_inputs(cfg, 8, batch=1, tokens=77)
+    added = {}
+    if cfg.addition_embed_type == "text_time":  # SDXL: pooled 1280 and the six size / crop ids
+        added = dict(text_embeds=torch.randn(1, 1280, generator=torch.Generator().manual_seed(2)),
+                     time_ids=torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]))
     ref = diffusers_unet(cfg)
     with torch.no_grad():
-        want = ref(x, t, ctx).sample
+        want = ref(x, t, ctx, added_cond_kwargs=added or None).sample
     ref.save_pretrained(tmp_path)  # safetensors, fp32
     del ref
     gc.collect()
     if measure_rss:
-        size = os.path.getsize(tmp_path / "diffusion_pytorch_model.safetensors")
+        size = sum(os.path.getsize(p) for p in tmp_path.glob("*.safetensors"))  # SDXL's is sharded
         r0, r1, r2 = peak_rss_loading(tmp_path)
         print(f"{preset} load: file {size / 2**30:.2f} GiB; peak RSS after import {r0 / 2**30:.2f} GiB, "
               f"after from_pretrained {r1 / 2**30:.2f} GiB, after reading every weight {r2 / 2**30:.2f} GiB")
@@ -744,7 +772,7 @@ def full_unet_parity(preset, tmp_path, tol, measure_rss=False):
         assert r2 - r0 < 1.3 * size  # one copy of the weights, not two
     ours = unet.UNet.from_pretrained(str(tmp_path))
     with torch.no_grad():
-        got = ours(x, t, ctx)
+        got = ours(x, t, ctx, **added)
     err = rel_err(got, want)
     print(f"full {preset} U-Net, 8x8 latents, 77 tokens: max rel err {err:.2e}")
     assert err <= tol
@@ -755,6 +783,13 @@ def test_full_sd14_unet_parity_and_memory(tmp_path):
     """Full SD1.4 U-Net (859.5M params) vs diffusers: equal outputs; and the peak RSS of loading it: under 5%
     of the file after from_pretrained, one copy of the weights after reading every one (4 GB of RAM)."""
     full_unet_parity("sd14", tmp_path, 0.0, measure_rss=True)
+
+
+@slow
+def test_full_sdxl_unet_parity_and_memory(tmp_path):
+    """Full SDXL base U-Net (2.57B params, 10.3 GB in fp32) vs diffusers with its added conditions: max
+    relative error <= 1e-5; the peak RSS of loading it, as for SD1.4."""
+    full_unet_parity("sdxl", tmp_path, 1e-5, measure_rss=True)
 
 
 @slow
