@@ -570,16 +570,14 @@ class Bridge(nn.Module):
         """The vision model takes SDXL's added conditions (pooled text, size and crop ids)."""
         return self.kind == "unet" and self.denoiser.cfg.addition_embed_type == "text_time"
 
-    def encode_sdxl(self, prompts, zeros=False):
-        """SDXL's conditions of prompts: (context (B, 77, 2048), pooled (B, 1280)); zeros=True: both zero, as
-        SDXL's pipeline takes an empty negative prompt (force_zeros_for_empty_prompt). Only the native text
+    def encode_sdxl(self, prompts):
+        """SDXL's conditions of prompts: (context (B, 77, 2048), pooled (B, 1280)). Only the native text
         path gives a pooled vector so far: a bridge into SDXL needs a pooled head (not here yet)."""
         if not isinstance(self.text, SDXLTextEncoder) or self.adapter is not None:
             raise BadInput("SDXL takes a pooled text vector beside the context: only its native text path "
                            "(--lm native) gives one here; bridges into SDXL are not here yet")
         dev = next(self.denoiser.parameters()).device
-        ctx, pooled = self.text.encode_pooled(self.text.tokenize(list(prompts))[0].to(dev))
-        return (torch.zeros_like(ctx), torch.zeros_like(pooled)) if zeros else (ctx, pooled)
+        return self.text.encode_pooled(self.text.tokenize(list(prompts))[0].to(dev))
 
     def denoise(self, x, t, ctx, mask=None, added=None):
         """x (B, C, h, w), t (B,) -> the model output the scheduler expects (learned sigma dropped).
@@ -636,8 +634,10 @@ class Bridge(nn.Module):
                            f"{self.size_factor} for this model")
         added = None
         if self.sdxl:  # pooled text and the size ids, for both halves of the CFG batch
-            (ctx, pooled), (nctx, npooled) = self.encode_sdxl(prompts), self.encode_sdxl(
-                [negative_prompt] * B, zeros=negative_prompt == "")
+            ctx, pooled = self.encode_sdxl(prompts)
+            # an empty negative prompt is zeros, as SDXL's pipeline has it (force_zeros_for_empty_prompt)
+            nctx, npooled = ((torch.zeros_like(ctx), torch.zeros_like(pooled)) if negative_prompt == "" else
+                             self.encode_sdxl([negative_prompt] * B))
             ids = [*(original_size or (height, width)), *crop, *(target_size or (height, width))]
             time_ids = torch.tensor([ids], device=dev, dtype=dtype).expand(2 * B, 6)
             added = (torch.cat([npooled, pooled]).to(dtype), time_ids)
