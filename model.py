@@ -492,6 +492,13 @@ GLUEGEN_SAMPLING = Sampling("pndm", 50, 7.5, "", (("skip_prk_steps", True),))
 GLUEGEN_SOUND_SAMPLING = Sampling("ddim", 50, 7.5)
 
 
+def fit_tokens(x, n):
+    """Pad with zeros or truncate dim 1 of x (B, T, ...) to n tokens."""
+    if x.shape[1] >= n:
+        return x[:, :n]
+    return torch.cat([x, x.new_zeros((x.shape[0], n - x.shape[1], *x.shape[2:]))], dim=1)  # (B, n, ...)
+
+
 def upcast(x):
     """fp16/bf16 -> fp32 for losses and outputs; fp32 and fp64 stay as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -553,10 +560,7 @@ class Bridge(nn.Module):
         ids, mask = self.native.tokenize(list(prompts))
         h, vmask = self.native(ids.to(dev), mask.to(dev))
         n = self.adapter.cfg.num_tokens if isinstance(self.adapter, GlueNet) else h.shape[1]
-        if h.shape[1] < n:
-            h = torch.cat([h, h.new_zeros(h.shape[0], n - h.shape[1], h.shape[2])], 1)
-        h = h[:, :n]
-        return h, None
+        return fit_tokens(h, n), None
 
     @torch.no_grad()
     def posterior(self, images):

@@ -33,10 +33,9 @@ import data
 import shapes
 from adapter import GLUEGEN_CLIP_NORMS, GLUEGEN_LOSS_WEIGHTS, alignment_loss, gluegen_targets, gluenet_losses
 from lora import lora_parameters
-from model import (DTYPES, BridgeConfig, build_bridge, device_and_dtype, export_release, init_trainable,
-                   is_audio, is_shapes, load_native_encoder, load_trainable, native_bridge, read_checkpoint,
-                   read_log,
-                   save_checkpoint, trainable_tensors)
+from model import (DTYPES, BridgeConfig, build_bridge, device_and_dtype, export_release, fit_tokens,
+                   init_trainable, is_audio, is_shapes, load_native_encoder, load_trainable, native_bridge,
+                   read_checkpoint, read_log, save_checkpoint, trainable_tensors)
 from model_io import BadInput, parse_bool, read_safetensors_metadata, run_cli, writable
 from unet import set_grad_checkpointing
 
@@ -546,13 +545,6 @@ def image_text_step(args, env, bridge, model, batches):
         with env.autocast:
             return model(latents, ids, mask, t, noise), {}
     return step
-
-
-def fit_tokens(x, n):
-    """Pad with zeros or truncate dim 1 of x (B, T, ...) to n tokens."""
-    if x.shape[1] >= n:
-        return x[:, :n]
-    return torch.cat([x, x.new_zeros((x.shape[0], n - x.shape[1], *x.shape[2:]))], dim=1)  # (B, n, ...)
 
 
 @torch.no_grad()
