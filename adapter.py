@@ -5,6 +5,7 @@ Adapters that carry a language model's hidden states into a diffusion model's te
 - GlueNet: GlueGen's token-MLP / channel-MLP translator with a reconstruction decoder, a token
   discriminator behind gradient reversal, and the three training losses (salesforce/GlueGen
   multilingual-gluenet/model.py, train_gluenet_multi.py).
+- PooledHead: the pooled text vector SDXL takes beside the context, from a bridge's context.
 """
 import json
 import os
@@ -75,6 +76,52 @@ class TextAdapter(nn.Module):
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(self.config(), f, indent=2)
         save_safetensors(self.state_dict(), os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+# -----------------------------------------------------------------------------
+# the pooled head: SDXL's second text input
+
+
+class PooledHead(nn.Module):
+    """A bridge's pooled text vector for SDXL (bigG's projected end-of-text embedding, 1280) from the
+    adapter's context (B, T, width), over the tokens of the vision mask:
+    - "attn" (the default): LayerNorm, then per head a softmax over the tokens of learned scores, the
+      weighted mean of that head's channels, then Linear(width -> out). The scores start at zero, so it
+      starts as "mean" and learns which tokens carry the summary: bigG's vector is one token (EOT) of a
+      causal encoder, whose place differs per LM (a bidirectional T5 has no such token, a causal Llama has
+      it last), and a plain mean weighs every word of the prompt alike;
+    - "mean": LayerNorm, the mean over the tokens, Linear (the baseline, and the cheaper one).
+    It reads the context rather than the LM's states so that it sees what the cross-attention sees, whatever
+    the adapter: text-only alignment trains the context towards CLIP's and the pooled vector towards
+    bigG's, which bigG computes from the same tokens."""
+
+    def __init__(self, width, out, kind="attn", heads=8):
+        super().__init__()
+        if kind not in ("attn", "mean"):
+            raise BadInput(f"unknown pooled head {kind!r} (attn or mean)")
+        if width % heads:
+            raise BadInput(f"pooled head: width {width} is not a multiple of its {heads} heads")
+        self.kind, self.heads = kind, heads
+        self.norm = nn.LayerNorm(width)
+        self.score = nn.Linear(width, heads) if kind == "attn" else None
+        if self.score is not None:
+            nn.init.zeros_(self.score.weight)
+            nn.init.zeros_(self.score.bias)
+        self.proj = nn.Linear(width, out)
+
+    def forward(self, ctx, mask=None):
+        """ctx (B, T, width), mask (B, T) 1 = a token the vision model attends to (None: all) -> (B, out)."""
+        B, T, D = ctx.shape
+        x = self.norm(ctx)
+        keep = torch.ones(B, T, dtype=torch.bool, device=ctx.device) if mask is None else mask.bool()
+        keep = keep | ~keep.any(1, keepdim=True)  # a prompt with no token kept: all of them
+        if self.score is None:
+            w = keep.to(x.dtype)[..., None]  # (B, T, 1)
+            return self.proj((x * w).sum(1) / w.sum(1))
+        s = self.score(x).masked_fill(~keep[..., None], float("-inf"))  # (B, T, H)
+        a = s.softmax(dim=1)
+        pooled = torch.einsum("bth,bthd->bhd", a, x.view(B, T, self.heads, D // self.heads))
+        return self.proj(pooled.reshape(B, D))
 
 
 # -----------------------------------------------------------------------------

@@ -2,10 +2,13 @@
 The data a training run reads, step by step:
 - ImageTextDataset: image-caption pairs from a TSV "path<TAB>caption" (as the LaVi-Bridge release reads), a
   folder of image + .txt pairs, or WebDataset-style .tar shards; resized, center-cropped and flipped as the
-  release. Bad data is counted and reported: a bad line or missing file is skipped while indexing; an
-  image that does not decode is replaced, in its batch, by the next readable item of the run's order.
+  release, each image's original size and crop recorded (SDXL's micro-conditions); with buckets, cropped
+  to the bucket nearest its aspect ratio instead of a square. Bad data is counted and reported: a bad line
+  or missing file is skipped while indexing; an image that does not decode is replaced, in its batch, by
+  the next readable item of the run's order.
 - the order of a run: global sample index g -> (item, flip), a function of (seed, g) alone, so that a run
-  draws the same data whatever its world size, DataLoader workers or resume point;
+  draws the same data whatever its world size, DataLoader workers or resume point (with buckets, of
+  (seed, g, micro-batch size): every micro-batch is one bucket's);
 - the latent cache: every image VAE-encoded once (both flips), the posterior kept;
 - caption pairs for the text-only methods (source<TAB>target files, or the shapes world's);
 - Batches: one rank's micro-batches by step, from any of these or drawn from the shapes world.
@@ -65,20 +68,63 @@ def to_rgb(img):
 # real image-text pairs
 
 
+def _hw(size):
+    """An image size: an int (square) or (height, width)."""
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def crop_box(w, h, size):
+    """(resized width, resized height, left, top) of a w x h image resized to cover size (an int, square, or
+    (H, W)) and center-cropped to it. Square: the release's (torchvision) rule, the shorter side to size, the
+    long side int(size * long / short); offsets round((L - size) / 2)."""
+    th, tw = _hw(size)
+    if w * th <= h * tw:  # relatively taller than the target: the width fits
+        nw, nh = tw, max(th, int(tw * h / w))
+    else:
+        nw, nh = max(tw, int(th * w / h)), th
+    return nw, nh, int(round((nw - tw) / 2)), int(round((nh - th) / 2))
+
+
+def micro_conditions(w, h, size, flip=False):
+    """SDXL's conditions of a w x h image as transform() crops it: (original height, original width, crop
+    top, crop left), the crop in pixels of the resized image as the model sees it (flipped: from its new
+    left edge, as a flip before the crop gives it)."""
+    nw, _, left, top = crop_box(w, h, size)
+    return h, w, top, nw - _hw(size)[1] - left if flip else left
+
+
 def transform(img, size, flip=False):
-    """PIL image -> float (3, size, size) in [-1, 1], as the LaVi-Bridge release (torchvision): resize the
-    shorter side to size (BILINEAR, PIL's anti-aliased filter; long side int(size * long / short)),
-    center crop (offset round((L - size) / 2)), optional horizontal flip."""
+    """PIL image -> float (3, H, W) in [-1, 1], as the LaVi-Bridge release (torchvision): resize to cover
+    size (an int: the square size x size; or a bucket (H, W)) with BILINEAR (PIL's anti-aliased filter),
+    center crop (crop_box), optional horizontal flip."""
     img = to_rgb(img)
     w, h = img.size
-    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    (th, tw), (nw, nh, left, top) = _hw(size), crop_box(w, h, size)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BILINEAR)
-    left, top = int(round((nw - size) / 2)), int(round((nh - size) / 2))
-    img = img.crop((left, top, left + size, top + size))
+    img = img.crop((left, top, left + tw, top + th))
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1  # (3, size, size)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
+
+
+def make_buckets(size, step=64, max_ratio=4.0):
+    """Aspect-ratio buckets of about size x size pixels (SDXL's: 1024 -> 1024x1024, 1152x896, ..., 512x2048):
+    [(H, W)], both multiples of step, H * W <= size^2, the longer side at most max_ratio x the shorter."""
+    out = set()
+    for w in range(step, 4 * size + 1, step):
+        h = size * size // w // step * step
+        if h >= step and max(w / h, h / w) <= max_ratio:
+            out.add((h, w))
+    out.add((size, size))
+    return sorted(out, key=lambda b: b[1] / b[0])
+
+
+def nearest_bucket(w, h, buckets):
+    """The index of the bucket (H, W) whose aspect ratio is nearest a w x h image's (in log ratio; the first
+    of equals)."""
+    r = np.log(w / h)
+    return int(np.argmin([abs(np.log(bw / bh) - r) for bh, bw in buckets]))
 
 
 def _expand_braces(pattern):
@@ -106,9 +152,12 @@ class ImageTextDataset:
     Skipped while indexing and counted (index_counts): a TSV line without a TAB, not UTF-8, or a caption
     file that cannot be read (bad_line); a TSV line of more than two fields (extra_fields: which is the
     caption?); a missing image or caption (missing); a shard that does not read (unreadable). An empty
-    caption is kept and counted (empty_captions). An image that does not decode is found when loaded."""
+    caption is kept and counted (empty_captions). An image that does not decode is found when loaded.
+    buckets=True: make_buckets(size, bucket_step); each item goes to the bucket nearest its aspect ratio,
+    read from the image's header (one whose header does not read goes to the square bucket, and is found
+    when loaded)."""
 
-    def __init__(self, source, size=512, flip=True):
+    def __init__(self, source, size=512, flip=True, buckets=False, bucket_step=64):
         self.source, self.size, self.flip = source, size, flip
         self.index_counts = {"bad_line": 0, "extra_fields": 0, "missing": 0, "unreadable": 0}
         self.examples = {k: [] for k in self.index_counts}  # a few of each, for the report
@@ -118,6 +167,19 @@ class ImageTextDataset:
             raise BadInput(f"no usable image-text pair in {source!r}: " + self._problems())
         if any(self.index_counts.values()):
             warnings.warn(f"{self.report()} (skipped)")
+        self.buckets, self.bucket_of = None, None  # [(H, W)], each item's bucket index
+        if buckets:
+            if size % bucket_step:
+                raise BadInput(f"--size {size} is not a multiple of --bucket-step {bucket_step}")
+            self.buckets = make_buckets(size, bucket_step)
+            square = self.buckets.index((size, size))
+            sizes = [self._header_size(i) for i in tqdm(range(len(self.items)), desc="image sizes",
+                                                         disable=len(self.items) < 10000)]
+            self.bucket_of = [square if s is None else nearest_bucket(*s, self.buckets) for s in sizes]
+
+    def size_of(self, i):
+        """The (H, W) item i is cropped to: its bucket's, or the square."""
+        return self.buckets[self.bucket_of[i]] if self.buckets else (self.size, self.size)
 
     # --- building the index
 
@@ -245,17 +307,30 @@ class ImageTextDataset:
 
     # --- loading
 
-    def load(self, i, flip=False):
-        """Item i as (image float (3, size, size) in [-1, 1], caption), or None when its image does not
-        decode (a warning names it)."""
-        path, offset, nbytes, cap, name = self.items[i]
+    def _open(self, i):
+        """Item i's image, opened (its header read, nothing decoded)."""
+        path, offset, nbytes = self.items[i][:3]
+        if offset is None:
+            return Image.open(path)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return Image.open(io.BytesIO(f.read(nbytes)))
+
+    def _header_size(self, i):
+        """(w, h) of item i from its header, or None where it does not read."""
         try:
-            if offset is None:
-                img = Image.open(path)
-            else:
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    img = Image.open(io.BytesIO(f.read(nbytes)))
+            with self._open(i) as img:
+                return img.size
+        except DECODE_ERRORS:
+            return None
+
+    def load(self, i, flip=False):
+        """Item i as (image float (3, H, W) in [-1, 1] at size_of(i), caption, SDXL's micro-conditions
+        (original height, width, crop top, left) as a tuple of ints), or None when its image does not decode
+        (a warning names it)."""
+        cap, name = self.items[i][3:]
+        try:
+            img = self._open(i)
             if img.size[0] * img.size[1] > MAX_PIXELS:  # from the header: nothing decoded yet
                 raise ValueError(f"{img.size[0]}x{img.size[1]} pixels, above the limit of {MAX_PIXELS}")
             img.load()  # decode now: truncated and corrupt files fail here, not later
@@ -263,7 +338,8 @@ class ImageTextDataset:
         except DECODE_ERRORS as e:
             warnings.warn(f"skipping unreadable image {name}: {type(e).__name__}: {e}")
             return None
-        return transform(img, self.size, flip), cap
+        size = self.size_of(i)
+        return transform(img, size, flip), cap, micro_conditions(*img.size, size, flip)
 
 
 # -----------------------------------------------------------------------------
@@ -271,40 +347,77 @@ class ImageTextDataset:
 
 
 class IndexedImages(torch.utils.data.Dataset):
-    """Global sample index g -> (image (3, H, W), caption, g, [items that did not decode]). g walks epochs of
-    a seeded permutation (epoch g // N); the flip is seeded by g. An item that does not decode is replaced by
-    the next one of the permutation that does (a function of g alone, so any world size, worker count or
-    resume point draws the same); image None: no item of the dataset decodes."""
+    """Global sample index g -> (image (3, H, W), caption, g, [items that did not decode], micro-conditions).
+    g walks epochs of a seeded permutation (epoch g // N); the flip is seeded by g. An item that does not
+    decode is replaced by the next one of the permutation that does (a function of g alone, so any world
+    size, worker count or resume point draws the same); image None: no item of the dataset decodes.
+    A bucketed dataset (ds.buckets) needs batch_size, the micro-batch: an epoch is every bucket's items in a
+    seeded permutation, cut into micro-batches (the last of a bucket filled from its start again), the
+    micro-batches of all buckets in a seeded order; g is sample g % batch_size of micro-batch
+    g // batch_size, and a replacement comes from the same bucket."""
 
-    def __init__(self, ds, seed):
-        self.ds, self.seed, self._perm = ds, seed, (None, None)
+    def __init__(self, ds, seed, batch_size=None):
+        self.ds, self.seed, self.bs, self._perm = ds, seed, batch_size, (None, None)
+        if ds.buckets is not None:
+            if not batch_size:
+                raise ValueError("a bucketed dataset is ordered by micro-batch: give batch_size")
+            members = [[] for _ in ds.buckets]
+            for i, k in enumerate(ds.bucket_of):
+                members[k].append(i)
+            self.members = [np.array(m) for m in members]
+            self.per_epoch = sum(-(-len(m) // batch_size) for m in members)
 
     def __len__(self):
         return 1 << 62
 
+    def _epoch(self, epoch):
+        """This epoch's order, made once: a permutation of the items, or (bucketed) [(bucket permutation,
+        its micro-batch's items)] in micro-batch order."""
+        if self._perm[0] == epoch:
+            return self._perm[1]
+        if self.ds.buckets is None:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.ds.items))
+        else:
+            chunks = []
+            for k, m in enumerate(self.members):
+                if len(m):
+                    perm = m[np.random.default_rng([self.seed, epoch, 2, k]).permutation(len(m))]
+                    full = np.resize(perm, -(-len(m) // self.bs) * self.bs)  # wraps round to fill
+                    chunks += [(perm, full[j:j + self.bs]) for j in range(0, len(full), self.bs)]
+            order = [chunks[c] for c in np.random.default_rng([self.seed, epoch, 3]).permutation(len(chunks))]
+        self._perm = (epoch, order)
+        return order
+
     def position(self, g):
         """(item index, flip) of global sample g."""
-        epoch, pos = divmod(g, len(self.ds.items))
-        if self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.ds.items)))
         flip = bool(self.ds.flip and np.random.default_rng([self.seed, g, 1]).random() < 0.5)
-        return int(self._perm[1][pos]), flip
+        if self.ds.buckets is None:
+            epoch, pos = divmod(g, len(self.ds.items))
+            return int(self._epoch(epoch)[pos]), flip
+        b, j = divmod(g, self.bs)
+        epoch, pos = divmod(b, self.per_epoch)
+        return int(self._epoch(epoch)[pos][1][j]), flip
 
     def candidates(self, g):
-        """(item, flip) of g, then those of the items after it in its epoch's permutation, wrapping round."""
-        _, flip = self.position(g)
-        perm, n, pos = self._perm[1], len(self.ds.items), g % len(self.ds.items)
-        for k in range(n):
-            yield int(perm[(pos + k) % n]), flip
+        """(item, flip) of g, then those of the items after it in its epoch's permutation (bucketed: its
+        bucket's), wrapping round."""
+        i, flip = self.position(g)
+        if self.ds.buckets is None:
+            perm, pos = self._perm[1], g % len(self.ds.items)
+        else:
+            perm = self._perm[1][(g // self.bs) % self.per_epoch][0]
+            pos = int(np.flatnonzero(perm == i)[0])
+        for k in range(len(perm)):
+            yield int(perm[(pos + k) % len(perm)]), flip
 
     def __getitem__(self, g):
         bad = []
         for i, flip in self.candidates(g):
             out = self.ds.load(i, flip)
             if out is not None:
-                return out[0], out[1], g, bad
+                return out[0], out[1], g, bad, out[2]
             bad.append(i)
-        return None, None, g, bad
+        return None, None, g, bad, None
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -324,14 +437,15 @@ class StepSampler(torch.utils.data.Sampler):
 
 def collate(items):
     """[IndexedImages items] -> (images (B, 3, H, W) or None when no item decodes, captions, gs, [the items
-    that did not decode, one per failed draw])."""
+    that did not decode, one per failed draw], micro-conditions (B, 4) long or None)."""
     bad = [i for x in items for i in x[3]]
     if any(x[0] is None for x in items):
-        return None, [], [], bad
+        return None, [], [], bad, None
     sizes = {tuple(x[0].shape) for x in items}
     if len(sizes) != 1:
         raise BadInput(f"cannot batch images of different shapes: {sorted(sizes)}")
-    return torch.stack([x[0] for x in items]), [x[1] for x in items], [x[2] for x in items], bad
+    cond = torch.tensor([x[4] for x in items], dtype=torch.long)
+    return torch.stack([x[0] for x in items]), [x[1] for x in items], [x[2] for x in items], bad, cond
 
 
 # -----------------------------------------------------------------------------
@@ -341,15 +455,20 @@ def collate(items):
 @torch.no_grad()
 def build_latent_cache(posterior, ds, folder, batch_size=8, dtype=torch.float16):
     """Encode every item of ds once, both flips, into folder/latents.safetensors: mean and std of the VAE
-    posterior (N, 2, C, h, w) (the release samples from it, so the cache keeps the distribution) and a valid
-    flag (N,) (0: the image did not decode). posterior: images (B, 3, H, W) -> (mean, std). Returns how
-    many items are unreadable."""
+    posterior (N, 2, C, h, w) (the release samples from it, so the cache keeps the distribution), the
+    micro-conditions (N, 2, 4) and a valid flag (N,) (0: the image did not decode). posterior: images
+    (B, 3, H, W) -> (mean, std). Returns how many items are unreadable."""
+    if ds.buckets is not None:
+        raise BadInput("--latent-cache holds one square size: it does not take --buckets (yet)")
     n, means, stds, valid = len(ds.items), [], [], torch.zeros(len(ds.items), dtype=torch.uint8)
+    cond = torch.zeros(n, 2, 4, dtype=torch.long)
     for lo in tqdm(range(0, n, batch_size), desc="latent cache"):
         idx = range(lo, min(n, lo + batch_size))
         loaded = [(ds.load(i, False), ds.load(i, True)) for i in idx]
         for j, (a, b) in zip(idx, loaded):
             valid[j] = a is not None and b is not None
+            if valid[j]:
+                cond[j] = torch.tensor([a[2], b[2]])
         blank = torch.zeros(2, 3, ds.size, ds.size)
         imgs = [torch.stack([a[0], b[0]]) if a is not None and b is not None else blank for a, b in loaded]
         mean, std = posterior(torch.cat(imgs))  # (2b, C, h, w) each
@@ -357,13 +476,14 @@ def build_latent_cache(posterior, ds, folder, batch_size=8, dtype=torch.float16)
         stds.append(std.view(-1, 2, *mean.shape[1:]).to("cpu", dtype))
     meta = {"source": json.dumps(ds.source), "size": str(ds.size), "items": str(n),
             "captions": json.dumps([it[3] for it in ds.items])}
-    save_safetensors({"mean": torch.cat(means), "std": torch.cat(stds), "valid": valid},
+    save_safetensors({"mean": torch.cat(means), "std": torch.cat(stds), "valid": valid, "cond": cond},
                      os.path.join(folder, "latents.safetensors"), meta)
     return int(n - valid.sum())
 
 
 def load_latent_cache(folder, ds):
-    """(mean, std, valid) of a cache made by build_latent_cache for this very dataset, else a clear error."""
+    """(mean, std, valid, micro-conditions or None where an older cache lacks them) of a cache made by
+    build_latent_cache for this very dataset, else a clear error."""
     path = os.path.join(folder, "latents.safetensors")
     t, meta = read_safetensors(path, "latent cache")
     made_for = (json.loads(meta["source"]), int(meta["size"]), int(meta["items"]))
@@ -371,34 +491,37 @@ def load_latent_cache(folder, ds):
         raise BadInput(f"{path} was made for {meta['source']} at {meta['size']} px ({meta['items']} "
                        f"items), not for {ds.source!r} at {ds.size} px ({len(ds.items)} items): delete "
                        f"it or pass another --latent-cache")
-    return t["mean"], t["std"], t["valid"]
+    return t["mean"], t["std"], t["valid"], t.get("cond")
 
 
 # -----------------------------------------------------------------------------
 # one rank's micro-batches, step by step
 
 
-def open_dataset(source, size, flip):
+def open_dataset(source, size, flip, buckets=False, bucket_step=64):
     """The ImageTextDataset of a --data value (comma-separated: a list of shards)."""
-    return ImageTextDataset(source.split(",") if "," in source else source, size=size, flip=flip)
+    return ImageTextDataset(source.split(",") if "," in source else source, size=size, flip=flip,
+                            buckets=buckets, bucket_step=bucket_step)
 
 
 class Batches:
-    """next(step, micro) -> (images or None, posterior (mean, std) or None, captions, global sample indices)
-    of this rank, by global sample index: the shapes world's sample g from (seed, g), real data through a
-    DataLoader (or the latent cache). An image that does not decode is replaced by the next readable one and
-    counted: report() gives what was loaded and what was replaced."""
+    """next(step, micro) -> (images or None, posterior (mean, std) or None, captions, global sample indices,
+    micro-conditions (B, 4) long: original height, width, crop top, left; None in the shapes world, which
+    draws every image at its size) of this rank, by global sample index: the shapes world's sample g from
+    (seed, g), real data through a DataLoader (or the latent cache). An image that does not decode is
+    replaced by the next readable one and counted: report() gives what was loaded and what was replaced."""
 
     def __init__(self, source, size, flip, seed, batch_size, grad_accum, rank=0, world=1, start_step=0,
-                 num_workers=2, latent_cache="", posterior=None, barrier=None, dataset=None):
+                 num_workers=2, latent_cache="", posterior=None, barrier=None, dataset=None, buckets=False,
+                 bucket_step=64):
         self.source, self.size, self.seed, self.bs, self.accum = source, size, seed, batch_size, grad_accum
         self.rank, self.world = rank, world
         # images trained on; skipped draws; their items
         self.used, self.skipped, self.unreadable = 0, 0, set()
         if source == "shapes":
             return
-        self.ds = dataset or open_dataset(source, size, flip)
-        self.indexed = IndexedImages(self.ds, seed)
+        self.ds = dataset or open_dataset(source, size, flip, buckets, bucket_step)
+        self.indexed = IndexedImages(self.ds, seed, batch_size)
         self.cache = None
         if latent_cache:
             if not os.path.isfile(os.path.join(latent_cache, "latents.safetensors")):
@@ -421,9 +544,9 @@ class Batches:
         if self.source == "shapes":  # drawn by global sample index
             gs = list(range(lo, lo + self.bs))
             images, captions = shapes.samples_at(self.seed, gs, self.size)
-            return images, None, captions, gs
+            return images, None, captions, gs, None
         if self.cache is not None:
-            mean, std, valid = self.cache
+            mean, std, valid, cond = self.cache
             if not valid.any():
                 raise BadInput(f"no image of {self.source!r} decodes (its latent cache marks every one)")
             picks, bad = [], []
@@ -436,12 +559,13 @@ class Batches:
             self._count(len(picks), bad)
             i, f = torch.tensor([p[0] for p in picks]), torch.tensor([int(p[1]) for p in picks])
             post = (mean[i, f].float(), std[i, f].float())  # (b, C, h, w)
-            return None, post, [self.ds.items[p[0]][3] for p in picks], list(range(lo, lo + self.bs))
-        images, captions, gs, bad = next(self.loader)
+            return (None, post, [self.ds.items[p[0]][3] for p in picks], list(range(lo, lo + self.bs)),
+                    None if cond is None else cond[i, f])
+        images, captions, gs, bad, conds = next(self.loader)
         if images is None:
             raise BadInput(f"no image of {self.source!r} decodes ({len(set(bad))} tried)")
         self._count(len(gs), bad)
-        return images, None, captions, gs
+        return images, None, captions, gs, conds
 
     def _count(self, used, bad_items):
         self.used += used

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import shapes
-from adapter import GlueNet, GlueNetConfig, TextAdapter, gluegen_mix
+from adapter import GlueNet, GlueNetConfig, PooledHead, TextAdapter, gluegen_mix
 from audio import AUDIO_PRESETS, W2V_FAMILIES, AudioEncoder, audio_source
 from dit import DiT
 from ldmbert import LDMBert
@@ -336,7 +336,7 @@ VISION_PRESETS = {  # --vision names: hub repo of the diffusers pipeline
     "ldm": "CompVis/ldm-text2im-large-256",
     "pixart-512": "PixArt-alpha/PixArt-XL-2-512x512",
     "pixart-1024": "PixArt-alpha/PixArt-XL-2-1024-MS",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",  # so far with its native text path only (--lm native)
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }  # and "shapes" / "shapes:PATH", the shapes world's base model (shapes.py)
 # the parts of a pipeline a bridge needs (never the text encoder: the LM replaces it), and the native encoder
 VISION_FILES = ["unet/*", "transformer/*", "vae/*", "vqvae/*", "scheduler/*", "model_index.json"]
@@ -460,6 +460,7 @@ class BridgeConfig:
     audio_window: float = 30.0  # a speech encoder's input in seconds (Whisper's own: 30; the shapes world: 4)
     audio_pool: int = 1         # a speech encoder's hidden states averaged over this many tokens
     audio_stretch: bool = False  # ... and first each clip's own tokens resampled over the window
+    pooled: str = "attn"        # SDXL's pooled text vector from the context: attn | mean (adapter.PooledHead)
 
 
 @dataclass(frozen=True)
@@ -513,6 +514,7 @@ class Bridge(nn.Module):
         self.text, self.adapter, self.denoiser, self.vae = text, adapter, denoiser, vae
         self.lora_vis_paths, self.lora_text_paths = [], []
         self.native = None  # a speech bridge: the vision model's own text encoder (negative, mixed prompts)
+        self.pooled = None  # a bridge into SDXL: its pooled text vector from the context (PooledHead)
         self.train_sched = DDPM(scheduler_config)
         self.sampling = (SHAPES_SAMPLING if is_shapes(cfg.vision) else SDXL_SAMPLING if self.sdxl
                          else Sampling())
@@ -537,15 +539,29 @@ class Bridge(nn.Module):
         for m in (self.denoiser, self.text.model):
             unwrap_lora(m) if unwrap else merge_lora(m)
 
-    def encode_ids(self, ids, mask):
-        """ids, mask (B, T) -> context (B, T, D_vision) and the mask the vision model sees (or None)."""
+    def encode_ids(self, ids, mask, pooled=False):
+        """ids, mask (B, T) -> context (B, T, D_vision) and the mask the vision model sees (or None);
+        pooled=True (SDXL) also the pooled text vector (B, P): the pooled head's, or with SDXL's own text
+        path and no adapter, bigG's."""
         lm_trains = any(p.requires_grad for p in self.text.parameters())
+        native_pooled = None
         with nullcontext() if lm_trains else torch.no_grad():
-            hidden, vmask = self.text(ids, mask)   # (B, T, D_lm)
+            if isinstance(self.text, SDXLTextEncoder):
+                hidden, native_pooled = self.text.encode_pooled(ids)  # (B, 77, 2048), (B, 1280)
+                vmask = None
+            else:
+                hidden, vmask = self.text(ids, mask)   # (B, T, D_lm)
         ctx = hidden if self.adapter is None else self.adapter(hidden)  # (B, T, D_vision)
         if isinstance(self.adapter, GlueNet):  # its token MLP mixes positions: no token mask survives it
             vmask = None
-        return ctx, vmask
+        if not pooled:
+            return ctx, vmask
+        if self.pooled is not None:
+            return ctx, vmask, self.pooled(ctx, vmask)
+        if native_pooled is None or self.adapter is not None:
+            raise BadInput("SDXL takes a pooled text vector beside the context: this bridge has no pooled "
+                           "head (build it with build_bridge on an SDXL vision model)")
+        return ctx, vmask, native_pooled
 
     def encode_text(self, prompts):
         """Prompts (a speech bridge: clips) -> context (B, T, D_vision), vision mask or None."""
@@ -574,14 +590,17 @@ class Bridge(nn.Module):
         """The vision model takes SDXL's added conditions (pooled text, size and crop ids)."""
         return self.kind == "unet" and self.denoiser.cfg.addition_embed_type == "text_time"
 
+    @property
+    def pooled_width(self):
+        """The width of the pooled text vector an SDXL U-Net takes (1280)."""
+        c = self.denoiser.cfg
+        return c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+
     def encode_sdxl(self, prompts):
-        """SDXL's conditions of prompts: (context (B, 77, 2048), pooled (B, 1280)). Only the native text
-        path gives a pooled vector so far: a bridge into SDXL needs a pooled head (not here yet)."""
-        if not isinstance(self.text, SDXLTextEncoder) or self.adapter is not None:
-            raise BadInput("SDXL takes a pooled text vector beside the context: only its native text path "
-                           "(--lm native) gives one here; bridges into SDXL are not here yet")
+        """SDXL's conditions of prompts: context (B, T, 2048), vision mask or None, pooled (B, 1280)."""
+        ids, mask = self.text.tokenize(list(prompts))
         dev = next(self.denoiser.parameters()).device
-        return self.text.encode_pooled(self.text.tokenize(list(prompts))[0].to(dev))
+        return self.encode_ids(ids.to(dev), mask.to(dev), pooled=True)
 
     def denoise(self, x, t, ctx, mask=None, added=None):
         """x (B, C, h, w), t (B,) -> the model output the scheduler expects (learned sigma dropped).
@@ -598,11 +617,19 @@ class Bridge(nn.Module):
             out = self.denoiser(x, t, ctx, mask)
         return out[:, :x.shape[1]]  # PixArt: 8 channels, the last 4 are the learned variance
 
-    def forward(self, latents, ids, mask, t, noise):
+    def forward(self, latents, ids, mask, t, noise, time_ids=None):
         """The training loss, eps-MSE (v-MSE for v-prediction). latents, noise (B, C, h, w) (scaled
-        latents), ids/mask (B, T), t (B,): drawn by the caller so that the step stays graph-only."""
-        ctx, vmask = self.encode_ids(ids, mask)
-        pred = self.denoise(self.train_sched.add_noise(latents, noise, t), t, ctx, vmask)
+        latents), ids/mask (B, T), t (B,): drawn by the caller so that the step stays graph-only.
+        SDXL: time_ids (B, 6), each image's original size, crop top-left and target size in pixels."""
+        added = None
+        if self.sdxl:
+            if time_ids is None:
+                raise BadInput("SDXL trains with each image's size and crop: pass time_ids (B, 6)")
+            ctx, vmask, pooled = self.encode_ids(ids, mask, pooled=True)
+            added = (pooled, time_ids.to(pooled.dtype))
+        else:
+            ctx, vmask = self.encode_ids(ids, mask)
+        pred = self.denoise(self.train_sched.add_noise(latents, noise, t), t, ctx, vmask, added)
         target = self.train_sched.target(latents, noise, t)
         return F.mse_loss(upcast(pred), upcast(target))
 
@@ -638,14 +665,16 @@ class Bridge(nn.Module):
                            f"{self.size_factor} for this model")
         added = None
         if self.sdxl:  # pooled text and the size ids, for both halves of the CFG batch
-            ctx, pooled = self.encode_sdxl(prompts)
-            # an empty negative prompt is zeros, as SDXL's pipeline has it (force_zeros_for_empty_prompt)
-            nctx, npooled = ((torch.zeros_like(ctx), torch.zeros_like(pooled)) if negative_prompt == "" else
-                             self.encode_sdxl([negative_prompt] * B))
+            ctx, mask, pooled = self.encode_sdxl(prompts)
+            if negative_prompt == "" and self.pooled is None:
+                # SDXL's own text path: an empty negative prompt is zeros, as its pipeline has it
+                # (force_zeros_for_empty_prompt); a bridge encodes it, as it was trained (caption dropout)
+                nctx, nmask, npooled = torch.zeros_like(ctx), None, torch.zeros_like(pooled)
+            else:
+                nctx, nmask, npooled = self.encode_sdxl([negative_prompt] * B)
             ids = [*(original_size or (height, width)), *crop, *(target_size or (height, width))]
             time_ids = torch.tensor([ids], device=dev, dtype=dtype).expand(2 * B, 6)
             added = (torch.cat([npooled, pooled]).to(dtype), time_ids)
-            mask = nmask = None
         else:
             ctx, mask = self.encode_text(prompts)
         if mix is not None:
@@ -715,6 +744,8 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dty
         m.requires_grad_(False).eval()
     bridge = Bridge(cfg, text, None, denoiser, vae, sched, kind)
     if speech:
+        if bridge.sdxl:
+            raise BadInput("a speech encoder into SDXL is not supported: GlueGen's sound recipe is SD 1.x's")
         bridge.native = load_native_encoder(cfg.vision, dtype, device).requires_grad_(False).eval()
     d_in, d_out = text.width, bridge.context_width
     if adapter is not None:
@@ -737,6 +768,8 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dty
                        f"and the vision model takes {d_out}")
     if bridge.adapter is not None:
         bridge.adapter.to(device, dtype)
+    if bridge.sdxl and not isinstance(text, SDXLTextEncoder):  # a new text source: SDXL's pooled vector too
+        bridge.pooled = PooledHead(d_out, bridge.pooled_width, cfg.pooled).to(device, dtype)
     if cfg.lora_rank and cfg.lora_vision:
         bridge.lora_vis_paths = inject(denoiser, LORA_TARGETS[kind], cfg.lora_rank, dropout=cfg.lora_dropout)
     if cfg.lora_rank and cfg.lora_lm:
@@ -759,16 +792,18 @@ def native_bridge(vision, dtype=torch.float32, device="cpu"):
 # -----------------------------------------------------------------------------
 # checkpoints: what a bridge trains, in one self-describing safetensors file
 
-PARTS = ("adapter", "lora_vis", "lora_text")  # of a bridge; a whole base model has "unet" and "text"
+PARTS = ("adapter", "pooled", "lora_vis", "lora_text")  # of a bridge; a whole base model: "unet", "text"
 
 
 def trainable_tensors(bridge, whole=False):
-    """{name: tensor} of what a bridge trains, the live tensors themselves: adapter.*, lora_vis.*,
-    lora_text.*; whole=True (the shapes base model trained from scratch): unet.* and text.*, every weight."""
+    """{name: tensor} of what a bridge trains, the live tensors themselves: adapter.*, pooled.* (SDXL),
+    lora_vis.*, lora_text.*; whole=True (the shapes base model trained from scratch): unet.* and text.*,
+    every weight."""
     if whole:
         parts = {"unet": bridge.denoiser.state_dict(), "text": bridge.text.state_dict()}
     else:
         parts = {"adapter": bridge.adapter.state_dict() if bridge.adapter is not None else {},
+                 "pooled": bridge.pooled.state_dict() if bridge.pooled is not None else {},
                  "lora_vis": lora_state_dict(bridge.denoiser),
                  "lora_text": lora_state_dict(bridge.text.model)}
     return {f"{head}.{k}": v.detach() for head, sd in parts.items() for k, v in sd.items()}
@@ -801,6 +836,10 @@ def load_trainable(bridge, sd):
         load_strict(bridge.adapter, parts.get("adapter", {}), "adapter")
     elif parts.get("adapter"):
         raise BadInput("the checkpoint has adapter weights but this bridge has no adapter")
+    if bridge.pooled is not None:
+        load_strict(bridge.pooled, parts.get("pooled", {}), "pooled head")
+    elif parts.get("pooled"):
+        raise BadInput("the checkpoint has a pooled head (SDXL's) but this bridge's vision model takes none")
     load_lora(bridge.denoiser, parts.get("lora_vis", {}))
     load_lora(bridge.text.model, parts.get("lora_text", {}))
 
@@ -822,6 +861,9 @@ def init_trainable(bridge, sd):
             raise BadInput(f"the checkpoint's adapter does not fit this bridge's {kind} (another "
                            f"--adapter, --lm or --vision?): {e}") from None
         loaded.append("adapter")
+    if "pooled" in parts and bridge.pooled is not None:
+        load_strict(bridge.pooled, parts["pooled"], "pooled head")
+        loaded.append("pooled")
     for head, net, paths in (("lora_vis", bridge.denoiser, bridge.lora_vis_paths),
                              ("lora_text", bridge.text.model, bridge.lora_text_paths)):
         if head in parts and paths:
@@ -831,6 +873,7 @@ def init_trainable(bridge, sd):
 
 
 RELEASE_FILES = ("adapter", "lora_vis.pt", "lora_text.pt")
+POOLED_FILE = "pooled_head.safetensors"  # beside them, in a release folder of a bridge into SDXL
 
 
 def check_release_files(folder):
@@ -871,12 +914,22 @@ def load_release(bridge, folder, lists=None):
     load_strict(mine, adapter.state_dict(), "adapter")
     import_release_list(bridge.denoiser, vis_list, bridge.lora_vis_paths)
     import_release_list(bridge.text.model, text_list, bridge.lora_text_paths)
+    pooled = os.path.join(folder, POOLED_FILE)
+    if bridge.pooled is not None:  # ours on SDXL: the release format has no pooled vector of its own
+        if not os.path.isfile(pooled):
+            raise MissingInput(f"{folder} has no {POOLED_FILE}: SDXL takes a pooled text vector, and this "
+                               f"release was made for a vision model without one")
+        load_strict(bridge.pooled, read_safetensors(pooled, "pooled head")[0], "pooled head")
+    elif os.path.exists(pooled):
+        raise BadInput(f"{folder} has a {POOLED_FILE} (an SDXL bridge) but this vision model takes no "
+                       f"pooled vector: wrong --vision?")
 
 
 def export_release(bridge, folder):
     """Write a bridge in the release's format, for the official scripts and anything else that reads it:
     adapter/ (config.json with the release's field names + diffusion_pytorch_model.safetensors) and
-    lora_vis.pt / lora_text.pt, fp16 lists [up_0, down_0, ...] in the release's module-walk order."""
+    lora_vis.pt / lora_text.pt, fp16 lists [up_0, down_0, ...] in the release's module-walk order; a bridge
+    into SDXL adds its pooled head as pooled_head.safetensors (the release format has none)."""
     if not isinstance(bridge.adapter, TextAdapter):
         raise BadInput("the release format holds a TextAdapter bridge (adapter text), not "
                        f"{type(bridge.adapter).__name__ if bridge.adapter is not None else 'no adapter'}")
@@ -886,6 +939,8 @@ def export_release(bridge, folder):
         path = os.path.join(folder, name)
         torch.save(export_release_list(net, paths), path + ".tmp")  # the release's own format: a tensor list
         os.replace(path + ".tmp", path)
+    if bridge.pooled is not None:
+        save_safetensors(bridge.pooled.state_dict(), os.path.join(folder, POOLED_FILE))
 
 
 def save_checkpoint(path, bridge, step, train_args=None, optimizer=None, extra=None, whole=False, log=None):
@@ -953,7 +1008,8 @@ def load_bridge(path, dtype=torch.float32, device="cpu", use_ema=True, merge=Fal
                            f"{lists[2]}, injected rank {rank}): leave --lora-rank out")
         bridge = build_bridge(BridgeConfig(**overrides, lora_rank=rank), dtype, device, lm_dtype=lm_dtype)
         load_release(bridge, path, lists)
-        bridge.sampling = RELEASE_SAMPLING
+        if not bridge.sdxl:  # SDXL keeps its pipeline's (the release's are SD's)
+            bridge.sampling = RELEASE_SAMPLING
     else:
         weights, _, cfg, _, _ = read_checkpoint(path)
         bridge = build_bridge(replace(cfg, **overrides), dtype, device, lm_dtype=lm_dtype)

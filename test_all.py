@@ -2740,11 +2740,15 @@ def test_sharding_covers_everything_once(tsv_with_bad_items):
 
 
 def test_collate():
-    x, c, g, bad = data.collate([(torch.zeros(3, 4, 4), "a", 0, []), (torch.ones(3, 4, 4), "b", 2, [5, 6])])
+    x, c, g, bad, cond = data.collate([(torch.zeros(3, 4, 4), "a", 0, [], (6, 4, 1, 0)),
+                                       (torch.ones(3, 4, 4), "b", 2, [5, 6], (4, 4, 0, 0))])
     assert x.shape == (2, 3, 4, 4) and c == ["a", "b"] and g == [0, 2] and bad == [5, 6] and x[1].eq(1).all()
-    assert data.collate([(None, None, 0, [1, 2]), (None, None, 1, [2, 1])]) == (None, [], [], [1, 2, 2, 1])
+    assert cond.tolist() == [[6, 4, 1, 0], [4, 4, 0, 0]] and cond.dtype == torch.long
+    assert data.collate([(None, None, 0, [1, 2], None), (None, None, 1, [2, 1], None)]) == \
+        (None, [], [], [1, 2, 2, 1], None)
     with pytest.raises(ValueError, match="different shapes"):
-        data.collate([(torch.zeros(3, 4, 4), "a", 0, []), (torch.zeros(3, 5, 4), "b", 1, [])])
+        data.collate([(torch.zeros(3, 4, 4), "a", 0, [], (4, 4, 0, 0)),
+                      (torch.zeros(3, 5, 4), "b", 1, [], (5, 4, 0, 0))])
 
 
 def test_every_image_mode_becomes_8bit_rgb(tmp_path):
@@ -2774,8 +2778,8 @@ def test_every_image_mode_becomes_8bit_rgb(tmp_path):
     Image.fromarray(np.full((8, 8), 16448, np.uint16)).save(tmp_path / "grey16.png")
     (tmp_path / "t.tsv").write_text("grey16.png\ta grey square\n")
     ds = data.ImageTextDataset(str(tmp_path / "t.tsv"), size=8, flip=False)
-    x, _ = ds.load(0)
-    assert torch.allclose(x, torch.full_like(x, 64 / 127.5 - 1))
+    x, _, cond = ds.load(0)
+    assert torch.allclose(x, torch.full_like(x, 64 / 127.5 - 1)) and cond == (8, 8, 0, 0)
     old = data.MAX_PIXELS
     try:
         data.MAX_PIXELS = 63

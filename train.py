@@ -45,7 +45,8 @@ from unet import set_grad_checkpointing
 DEFAULTS = dict(
     method="lavi", lm="t5-large", vision="sd14", adapter="text", adapter_mid=0, adapter_dropout=0.1,
     lora_rank=32, lora_lm=True, lora_vision=True, lora_dropout=0.1, max_length=0,
-    data="shapes", size=512, flip=True, latent_cache="", num_workers=2,
+    data="shapes", size=512, flip=True, latent_cache="", num_workers=2, buckets=False, bucket_step=64,
+    pooled="attn", loss_pooled=1.0,
     steps=1000, epochs=0, batch_size=1, grad_accum=1, lr_vision=1e-4, lr_lm=5e-6, lr_adapter=1e-4,
     optimizer="adamw", weight_decay=1e-2, warmup=0, lr_decay=1.0, lr_decay_every=1, grad_clip=1.0,
     caption_dropout=0.0, ema=0.0, shuffle="epoch", drop_last=False,
@@ -148,16 +149,16 @@ INT_RANGES = dict(steps=(1, None), batch_size=(1, None), grad_accum=(1, None), l
                   save_every=(1, None), sample_every=(0, None), eval_n=(1, None), num_workers=(0, None),
                   epochs=(0, None), lr_decay_every=(1, None), audio_pool=(1, None),
                   warmup=(0, None), lora_rank=(0, None), max_length=(0, None), adapter_mid=(0, None),
-                  glue_depth=(1, None), glue_mult=(1, None), size=(8, 4096))
+                  glue_depth=(1, None), glue_mult=(1, None), size=(8, 4096), bucket_step=(8, 4096))
 FLOAT_RANGES = dict(lr_vision=(0, None), lr_lm=(0, None), lr_adapter=(0, None), weight_decay=(0, None),
                     grad_clip=(0, None), loss_align=(0, None), loss_rec=(0, None), loss_adv=(0, None),
                     adv_lambda=(0, None), src_div=(1e-12, None), ema=(0, 0.9999), adapter_dropout=(0, 0.99),
                     lora_dropout=(0, 0.99), caption_dropout=(0, 1), lr_decay=(1e-12, 1),
-                    audio_window=(0.02, 30))
+                    audio_window=(0.02, 30), loss_pooled=(0, None))
 # what a resumed run must share with its checkpoint (else --resume force)
 SAME_ON_RESUME = ("method", "lm", "vision", "adapter", "adapter_mid", "lora_rank", "lora_lm", "lora_vision",
                   "max_length", "glue_depth", "glue_mult", "native", "audio_window", "audio_pool",
-                  "audio_stretch")
+                  "audio_stretch", "pooled")
 
 
 def check_args(args):
@@ -169,6 +170,13 @@ def check_args(args):
             raise BadInput(f"--{k.replace('_', '-')} {v}: must be {bound}")
     if args.size % 8:
         raise BadInput(f"--size {args.size}: must be a multiple of 8 (the VAE's factor)")
+    if args.buckets:
+        if args.data == "shapes" or args.method in TEXT_ONLY or args.latent_cache:
+            raise BadInput("--buckets sorts real images by aspect ratio: give --data images (a TSV, folder "
+                           "or shards), and no --latent-cache (it holds one square size)")
+        if args.size % args.bucket_step or args.bucket_step % 8:
+            raise BadInput(f"--buckets: --size {args.size} must be a multiple of --bucket-step "
+                           f"{args.bucket_step}, and that of 8")
     per_epoch = ("epochs", "lr_decay", "shuffle", "drop_last")
     if args.method not in TEXT_ONLY and [k for k in per_epoch if getattr(args, k) != DEFAULTS[k]]:
         raise BadInput("--epochs, --lr-decay, --shuffle and --drop-last count epochs of caption pairs: "
@@ -288,6 +296,13 @@ def get_parser():
     p.add_argument("--flip", type=b, help="random horizontal flips")
     p.add_argument("--latent-cache", help="folder of precomputed VAE latents (made once if missing)")
     p.add_argument("--num-workers", type=int, help="data-loader workers per rank")
+    p.add_argument("--buckets", type=b, help="aspect-ratio buckets of about --size^2 pixels: each image is "
+                                             "cropped to the bucket nearest its shape, not to a square")
+    p.add_argument("--bucket-step", type=int, help="--buckets: bucket sides are multiples of this (64)")
+    p.add_argument("--pooled", choices=["attn", "mean"],
+                   help="SDXL: the pooled head over the context (attention pooling, or the mean)")
+    p.add_argument("--loss-pooled", type=float,
+                   help="text-only methods on SDXL: the weight of the pooled vector's alignment loss")
     # optimisation
     p.add_argument("--steps", type=int, help="optimiser steps")
     p.add_argument("--epochs", type=int,
@@ -450,8 +465,8 @@ def param_groups(bridge, args):
     else:
         groups = [("vision", lora_parameters(bridge.denoiser), args.lr_vision),
                   ("lm", lora_parameters(bridge.text.model), args.lr_lm),
-                  ("adapter", list(bridge.adapter.parameters()) if bridge.adapter is not None else [],
-                   args.lr_adapter)]
+                  ("adapter", [p for m in (bridge.adapter, bridge.pooled) if m is not None
+                               for p in m.parameters()], args.lr_adapter)]
     return [dict(params=ps, lr=lr, base_lr=lr, name=n) for n, ps, lr in groups if ps]
 
 
@@ -527,7 +542,7 @@ def image_text_step(args, env, bridge, model, batches):
     T = bridge.train_sched.num_train_timesteps
 
     def step(step, micro):
-        images, post, captions, gs = batches.next(step, micro)
+        images, post, captions, gs, cond = batches.next(step, micro)
         # every random draw is keyed by the global sample index: any world size, any resume, same draws
         draws = [sample_draws(args.seed, g, args.caption_dropout, T) for g in gs]
         ids, mask = bridge.text.tokenize(["" if d[0] else c for c, d in zip(captions, draws)])
@@ -542,8 +557,16 @@ def image_text_step(args, env, bridge, model, batches):
             noise = torch.stack([d[2](shape) for d in draws]).to(env.device, env.wdtype)  # diffusion noise
             mean, std = post[0].to(env.device, env.wdtype), post[1].to(env.device, env.wdtype)
             latents = (mean + std * eps) * bridge.vae.cfg.scaling_factor
+        kw = {}
+        if bridge.sdxl:  # its micro-conditions: each image's original size and crop, the target size
+            if cond is None:
+                raise BadInput("SDXL trains on each image's recorded size and crop: this latent cache was "
+                               "made before they were recorded, delete it")
+            f = bridge.vae.downscale
+            target = torch.tensor([latents.shape[-2] * f, latents.shape[-1] * f]).expand(len(cond), 2)
+            kw["time_ids"] = torch.cat([cond, target], 1).to(env.device, env.wdtype)  # (B, 6)
         with env.autocast:
-            return model(latents, ids, mask, t, noise), {}
+            return model(latents, ids, mask, t, noise, **kw), {}
     return step
 
 
@@ -632,6 +655,19 @@ def text_only_step(args, env, bridge, native, pairs, fresh):
         return h.to(wdtype), smask
     source = FeatureCache(encode_source, limit=20000 if bridge.text.token_count is not None else 0)
     target = FeatureCache(lambda caps: native_targets(native, caps, n, dev, wdtype))
+    head = bridge.pooled  # SDXL: the pooled head, onto the native pooled vector (bigG's)
+
+    @torch.no_grad()
+    def encode_pooled(captions):
+        return native.encode_pooled(native.tokenize(captions)[0].to(dev))[1].to(wdtype),
+    pooled_target = FeatureCache(encode_pooled) if head is not None else None
+
+    def pooled_loss(ctx, smask, targets):
+        """The pooled head on the adapter's context (detached: the head learns on it, it does not pull the
+        adapter) against the native pooled vector, by --align-loss, weighted by --loss-pooled."""
+        pred = head(ctx.detach(), None if glue else smask)  # (B, P): GlueNet keeps no token mask
+        loss = alignment_loss(pred[:, None], pooled_target(targets)[0][:, None], kind=args.align_loss)
+        return args.loss_pooled * loss, loss
 
     def step(step, micro):
         sources, targets = data.text_batch(pairs, step * args.grad_accum + micro, args.batch_size, args.seed,
@@ -645,10 +681,18 @@ def text_only_step(args, env, bridge, native, pairs, fresh):
                     adapter, adapter.disc, h * adapter.src_scale, normed, tw, lam=args.adv_lambda,
                     terms=terms, real=real)))
                 parts = {k: v for k, v in parts.items() if v is not None}
-                return sum(getattr(args, f"loss_{k}") * v for k, v in parts.items()), parts
-            pred = fit_tokens(adapter(h), n)  # (B, n, D_native)
-            loss = alignment_loss(pred, y, ymask & fit_tokens(smask, n), kind=args.align_loss)
-            return loss, {args.align_loss: loss}
+                loss = sum(getattr(args, f"loss_{k}") * v for k, v in parts.items())
+                if head is not None:
+                    weighted, parts["pooled"] = pooled_loss(adapter(h), smask, targets)
+                    loss = loss + weighted
+                return loss, parts
+            ctx = adapter(h)  # (B, T_lm, D_native)
+            loss = alignment_loss(fit_tokens(ctx, n), y, ymask & fit_tokens(smask, n), kind=args.align_loss)
+            parts = {args.align_loss: loss}
+            if head is not None:
+                weighted, parts["pooled"] = pooled_loss(ctx, smask, targets)
+                loss = loss + weighted
+            return loss, parts
     return step
 
 
@@ -829,8 +873,8 @@ def main(args):
             b = args.batch_size
             batches = len(pairs) // b if args.drop_last else math.ceil(len(pairs) / b)
             args.steps = max(1, args.epochs * batches // args.grad_accum)
-    dataset = data.open_dataset(args.data, args.size, args.flip) if not text_only and args.data != "shapes" \
-        else None
+    dataset = (data.open_dataset(args.data, args.size, args.flip, args.buckets, args.bucket_step)
+               if not text_only and args.data != "shapes" else None)
     with out_lock(args.out, int(os.environ.get("RANK", 0)) == 0):
         result = train(args, pairs, dataset)
     if result.stopped:
@@ -913,6 +957,9 @@ def check_native(native, bridge):
     if native.width != bridge.context_width:
         raise BadInput(f"the native encoder gives {native.width}-d features but the vision model takes "
                        f"{bridge.context_width}: wrong --native?")
+    if bridge.pooled is not None and not hasattr(native, "encode_pooled"):
+        raise BadInput("SDXL takes a pooled text vector: the native encoder must give one (SDXL's own "
+                       "two encoders); this one gives none: wrong --native?")
 
 
 if __name__ == "__main__":
