@@ -110,13 +110,13 @@ def transform(img, size, flip=False):
 
 def make_buckets(size, step=64, max_ratio=4.0):
     """Aspect-ratio buckets of about size x size pixels (SDXL's: 1024 -> 1024x1024, 1152x896, ..., 512x2048):
-    [(H, W)], both multiples of step, H * W <= size^2, the longer side at most max_ratio x the shorter."""
-    out = set()
+    [(H, W)] by aspect ratio W / H: for each width the tallest height with H * W <= size^2, both multiples
+    of step, the longer side at most max_ratio x the shorter; each also turned on its side."""
+    out = {(size, size)}
     for w in range(step, 4 * size + 1, step):
         h = size * size // w // step * step
         if h >= step and max(w / h, h / w) <= max_ratio:
-            out.add((h, w))
-    out.add((size, size))
+            out |= {(h, w), (w, h)}
     return sorted(out, key=lambda b: b[1] / b[0])
 
 

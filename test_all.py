@@ -13,6 +13,7 @@ GPU-only checks are skipped without CUDA.
 """
 from dataclasses import asdict, replace
 import ast
+import collections
 import contextlib
 import gc
 import io
@@ -1889,6 +1890,25 @@ def test_inject_unet_matches_release_walk(one_thread):
         lora.inject(vae, "unet", rank=2)  # the VAE's resnets/attention are never U-Net targets
 
 
+def test_inject_sdxl_unet_matches_release_walk():
+    """The release's LoRA targets on the full-size SDXL U-Net (both built on the meta device, nothing
+    allocated): our inject wraps exactly the layers the release's walk finds in diffusers' SDXL U-Net
+    (resnets, attention, GEGLU, in its order), and not the added-condition embedding or proj_in/out."""
+    from diffusers import UNet2DConditionModel
+    with open(os.path.join(KEYS_DIR, "sdxl_unet_config.json")) as f:
+        cfg = json.load(f)
+    with torch.device("meta"):
+        ref = UNet2DConditionModel.from_config(cfg)
+        ours = unet.UNet(unet.UNET_PRESETS["sdxl"])
+    want = release_walk(ref, {"ResnetBlock2D", "Attention", "CrossAttention", "GEGLU"})
+    paths = lora.inject(ours.requires_grad_(False), lora.LORA_TARGETS["unet"], rank=4)
+    assert paths == want
+    kinds = collections.Counter(p.rsplit(".", 1)[-1] for p in paths)
+    print(f"\nSDXL U-Net LoRA targets: {len(paths)} layers {dict(kinds)}")
+    assert kinds["proj"] == 70 and kinds["to_q"] == 140  # 70 transformer blocks, two attentions each
+    assert not any(p.startswith("add_embedding") or p.endswith(("proj_in", "proj_out")) for p in paths)
+
+
 @pytest.mark.parametrize("which", ["t5", "llama", "llama_causal", "clip", "bert"])
 def test_inject_language_models_match_release_walk(which):
     import transformers as tr
@@ -2737,6 +2757,82 @@ def test_sharding_covers_everything_once(tsv_with_bad_items):
         idx = data.IndexedImages(ds, seed=0)
         first, second = ([idx.position(g)[0] for g in range(e * 9, e * 9 + 9)] for e in (0, 1))
         assert sorted(first) == sorted(second) == list(range(9)) and first != second
+
+
+BUCKET_IMAGES = [(40, 20), (20, 40), (30, 30), (64, 16), (33, 17), (17, 60), (50, 26), (26, 26), (90, 20)]
+
+
+@pytest.fixture
+def bucket_tsv(tmp_path):
+    """A TSV of images of many aspect ratios (w, h) in BUCKET_IMAGES, and a corrupt one."""
+    os.makedirs(tmp_path / "img")
+    lines = []
+    for i, (w, h) in enumerate(BUCKET_IMAGES):
+        write_png(tmp_path / "img" / f"{i}.png", w, h, i)
+        lines.append(f"img/{i}.png\timage {i} {w}x{h}")
+    (tmp_path / "img" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    lines.append("img/bad.png\ta corrupt one")
+    (tmp_path / "b.tsv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "b.tsv"
+
+
+def test_buckets_nearest_ratio_and_micro_conditions(bucket_tsv):
+    """--buckets: SDXL's kind of list (about size^2 pixels, sides multiples of the step, both orientations);
+    every image lands in the bucket nearest its aspect ratio (checked against every bucket), is resized to
+    cover it and center-cropped, and records (original h, w, crop top, left) as SDXL conditions on them: the
+    crop in the resized image's pixels, from the left edge of the image as flipped. Without buckets: the
+    square crop of the release, recorded the same way."""
+    b1024 = data.make_buckets(1024)
+    assert (1024, 1024) in b1024 and (832, 1216) in b1024 and (1216, 832) in b1024 and (512, 2048) in b1024
+    assert all(h % 64 == 0 and w % 64 == 0 and h * w <= 1024 ** 2 and max(h / w, w / h) <= 4
+               for h, w in b1024)
+    ds = data.ImageTextDataset(str(bucket_tsv), size=16, flip=True, buckets=True, bucket_step=8)
+    assert ds.buckets == [(32, 8), (24, 8), (16, 16), (8, 24), (8, 32)]
+    for i, (w, h) in enumerate(BUCKET_IMAGES):
+        err = [abs(math.log((bw / bh) / (w / h))) for bh, bw in ds.buckets]
+        assert err[ds.bucket_of[i]] == min(err), (w, h, ds.size_of(i))
+        bh, bw = ds.size_of(i)
+        for flip in (False, True):
+            x, cap, cond = ds.load(i, flip)
+            assert x.shape == (3, bh, bw) and cap == f"image {i} {w}x{h}"
+            s = max(bw / w, bh / h)  # the resize that covers the bucket, then the center crop
+            nw, nh = max(bw, round(w * s - 1e-6)), max(bh, round(h * s - 1e-6))
+            left, top = round((nw - bw) / 2), round((nh - bh) / 2)
+            assert cond == (h, w, top, nw - bw - left if flip else left), (w, h, flip, cond)
+            img = Image.open(bucket_tsv.parent / "img" / f"{i}.png").convert("RGB")
+            img = img.resize((nw, nh), Image.BILINEAR)
+            img = img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img
+            crop = img.crop((cond[3], cond[2], cond[3] + bw, cond[2] + bh))  # the crop SDXL is told
+            assert torch.equal(x, torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 127.5 - 1)
+    assert ds.size_of(len(BUCKET_IMAGES)) == (16, 16)  # the corrupt one: the square, found when loaded
+    square = data.ImageTextDataset(str(bucket_tsv), size=16, flip=False)
+    x, _, cond = square.load(0)
+    assert x.shape == (3, 16, 16) and cond == (20, 40, 0, 8)  # 40x20 -> 32x16, 8 cut on the left
+
+
+def test_bucketed_batches_one_bucket_each_and_any_world(bucket_tsv):
+    """A bucketed run's micro-batches: each of one bucket's images (so that they stack), each epoch every
+    image at least once, a corrupt image replaced from its own bucket; rank r of world 2 draws micro-batch
+    2m + r of world 1, for any worker count; the micro-conditions come along."""
+    kw = dict(buckets=True, bucket_step=8)
+    with pytest.warns(UserWarning, match="unreadable image"):
+        b = batches(bucket_tsv, 16, 2, **kw)
+        ds, seen, draws = b.ds, set(), []
+        for step in range(b.indexed.per_epoch):
+            images, _, caps, gs, cond = b.next(step, 0)
+            items = [int(c.split()[1]) if c.startswith("image") else None for c in caps]
+            assert None not in items  # the corrupt one never reaches a batch
+            assert len({ds.bucket_of[i] for i in items}) == 1
+            assert images.shape[-2:] == ds.size_of(items[0]) and cond.shape == (2, 4)
+            assert cond[:, :2].tolist() == [[BUCKET_IMAGES[i][1], BUCKET_IMAGES[i][0]] for i in items]
+            seen |= set(items)
+            draws.append((caps, images))
+        assert seen == set(range(len(BUCKET_IMAGES))) and b.skipped >= 1
+        for r in range(2):
+            other = batches(bucket_tsv, 16, 2, rank=r, world=2, num_workers=r, **kw)
+            for m in range(3):
+                images, _, caps, _, _ = other.next(m, 0)
+                assert caps == draws[2 * m + r][0] and torch.equal(images, draws[2 * m + r][1])
 
 
 def test_collate():
@@ -3864,18 +3960,13 @@ def test_gluegen_release_samples_as_gluegen(world, tmp_path, capsys):
         run_sample("--bridge", sound, "--lm", xlmr_dir, "--vision", world["sd"], "--prompt", "a")
 
 
-def test_sdxl_native_samples_as_diffusers_pipeline(tmp_path):
-    """A tiny random SDXL pipeline (the text_time U-Net, a VAE at 0.13025, SDXL's Euler scheduler file, both
-    text encoders) sampled by its native bridge with the micro-conditions (original size, crop, target
-    size) equals diffusers' StableDiffusionXLPipeline on the same noise (PSNR >= 40 dB): Euler by default,
-    the empty negative prompt as zeros (force_zeros_for_empty_prompt); another crop gives another image."""
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
-    root = tmp_path / "sdxl"
+def tiny_sdxl_pipeline(root):
+    """A tiny random SDXL pipeline folder: the text_time U-Net (context 32 + 48 = 80, pooled 48), a VAE at
+    0.13025, SDXL's Euler scheduler file and both text encoders -> ([(tokenizer, model)] x 2, the VAE)."""
+    from diffusers import AutoencoderKL
     refs = _sdxl_text(root)
     cfg = replace(TINY_SDXL_LIKE, cross_attention_dim=80, projection_class_embeddings_input_dim=48 + 6 * 8)
-    unet_ref = diffusers_unet(cfg)
-    unet_ref.save_pretrained(str(root / "unet"))
+    diffusers_unet(cfg).save_pretrained(str(root / "unet"))
     torch.manual_seed(4)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
@@ -3885,6 +3976,17 @@ def test_sdxl_native_samples_as_diffusers_pipeline(tmp_path):
     os.makedirs(root / "scheduler")
     with open(root / "scheduler" / "scheduler_config.json", "w") as f:
         json.dump(SDXL_SCHEDULER_JSON, f)
+    return refs, vae
+
+
+def test_sdxl_native_samples_as_diffusers_pipeline(tmp_path):
+    """A tiny random SDXL pipeline (the text_time U-Net, a VAE at 0.13025, SDXL's Euler scheduler file, both
+    text encoders) sampled by its native bridge with the micro-conditions (original size, crop, target
+    size) equals diffusers' StableDiffusionXLPipeline on the same noise (PSNR >= 40 dB): Euler by default,
+    the empty negative prompt as zeros (force_zeros_for_empty_prompt); another crop gives another image."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    root = tmp_path / "sdxl"
+    refs, vae = tiny_sdxl_pipeline(root)
     bridge = model.native_bridge(str(root))
     assert bridge.sdxl and bridge.sampling.scheduler == "euler"
     prompt, size = "a big red circle left of a blue square", 16
@@ -3907,6 +4009,176 @@ def test_sdxl_native_samples_as_diffusers_pipeline(tmp_path):
     other = bridge.sample([prompt], steps=6, guidance=5.0, height=size, width=size, seed=3, progress=False,
                           original_size=(24, 20), crop=(8, 4)).numpy()[0]
     assert not np.array_equal(other, ours)
+
+
+class RefPooledHead(nn.Module):
+    """The pooled head as the README describes it, written apart from adapter.PooledHead: LayerNorm, per
+    head softmax over the tokens of a linear score, that head's channels averaged with those weights,
+    Linear; mode "mean": the plain average."""
+
+    def __init__(self, width, out, heads=8, mean=False):
+        super().__init__()
+        self.heads, self.mean = heads, mean
+        self.norm = nn.LayerNorm(width)
+        if not mean:
+            self.score = nn.Linear(width, heads)
+        self.proj = nn.Linear(width, out)
+
+    def forward(self, ctx):
+        x = self.norm(ctx)  # (B, T, D)
+        if self.mean:
+            return self.proj(x.mean(1))
+        w = torch.softmax(self.score(x), dim=1)  # (B, T, H)
+        heads = x.unflatten(-1, (self.heads, -1))  # (B, T, H, D / H)
+        return self.proj((w[..., None] * heads).sum(1).flatten(1))
+
+
+def test_sdxl_bridge_samples_as_diffusers_sdxl(world, tmp_path, capsys):
+    """A LaVi-Bridge bridge into a tiny random SDXL pipeline: T5 (LoRA) -> TextAdapter -> the U-Net (LoRA,
+    the release's targets: resnets, attention, GEGLU), and the pooled head over the adapter's context for
+    SDXL's pooled vector. Written as a release folder (+ pooled_head.safetensors), sample.py with no sampler
+    flags (SDXL's Euler, 50 steps, CFG 5; the negative "" through the bridge, as it trains) and
+    --original-size / --crop gives the PNG of diffusers' StableDiffusionXLPipeline fed the reference's
+    context and pooled vectors (PSNR >= 40 dB); a train.py checkpoint of the same bridge gives it too."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, T5EncoderModel
+    root = tmp_path / "sdxl"
+    _, vae = tiny_sdxl_pipeline(root)
+    unet_ref = UNet2DConditionModel.from_pretrained(str(root / "unet")).eval()
+    t5 = T5EncoderModel.from_pretrained(world["t5"]).eval()
+    tok = AutoTokenizer.from_pretrained(world["t5"])
+    release, gen = str(tmp_path / "release"), torch.Generator().manual_seed(8)
+    save_adapter(os.path.join(release, "adapter"), (32, 56, 80), gen)
+    vis_list = random_release_list(release_walk_diffusers(unet_ref, UNET_TARGETS), RANK, gen)
+    text_list = random_release_list(release_walk_diffusers(t5, T5_TARGETS), RANK, gen)
+    torch.save(vis_list, os.path.join(release, "lora_vis.pt"))
+    torch.save(text_list, os.path.join(release, "lora_text.pt"))
+    head = RefPooledHead(80, 48)
+    _randomise(head, gen, 0.3)
+    save_file(head.state_dict(), os.path.join(release, "pooled_head.safetensors"))
+    # the reference: LoRA injected the release's way, its text path, the pooled head, diffusers' pipeline
+    ref_inject(unet_ref, UNET_TARGETS, vis_list)
+    ref_inject(t5, T5_TARGETS, text_list)
+    adapter_ref = load_adapter(os.path.join(release, "adapter"))
+    with torch.no_grad():
+        ctx, _ = reference_embed("t5-unet", tok, t5, adapter_ref, [PROMPT])
+        nctx, _ = reference_embed("t5-unet", tok, t5, adapter_ref, [""])
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                         tokenizer_2=None, unet=unet_ref,
+                                         scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_JSON))
+        pipe.set_progress_bar_config(disable=True)
+        size = 16
+        noise = torch.randn((1, 4, size // 2, size // 2), generator=torch.Generator("cpu").manual_seed(5))
+        img = pipe(prompt_embeds=ctx, negative_prompt_embeds=nctx, pooled_prompt_embeds=head(ctx),
+                   negative_pooled_prompt_embeds=head(nctx), height=size, width=size, num_inference_steps=50,
+                   guidance_scale=5.0, latents=noise, original_size=(24, 20), crops_coords_top_left=(2, 0),
+                   target_size=(size, size), output_type="np").images[0]
+    want = (img * 255).astype(np.uint8)
+    out = str(tmp_path / "x.png")
+    run_sample("--bridge", release, "--lm", world["t5"], "--vision", str(root), "--prompt", PROMPT,
+               "--seed", "5", "--height", str(size), "--width", str(size), "--original-size", "24,20",
+               "--crop", "2,0", "--out", out)
+    assert "sampling: euler, 50 steps, CFG 5" in capsys.readouterr().out
+    ours = np.asarray(Image.open(out))
+    p = psnr(ours, want)
+    print(f"\nSDXL bridge (T5 + TextAdapter + pooled head + LoRA) vs StableDiffusionXLPipeline: PSNR {p:.1f} dB")
+    assert p >= 40 and want.std() > 5
+    # the same bridge as a train.py checkpoint (pooled.* beside adapter.* and the LoRA)
+    bridge = model.load_bridge(release, lm=world["t5"], vision=str(root))
+    assert bridge.pooled is not None and bridge.pooled.kind == "attn"
+    ckpt = str(tmp_path / "ckpt.safetensors")
+    model.save_checkpoint(ckpt, bridge, step=1)
+    assert any(k.startswith("pooled.") for k in model.read_checkpoint(ckpt)[0])
+    got = model.load_bridge(ckpt, merge=True).sample([PROMPT], seed=5, height=size, width=size,
+                                                     original_size=(24, 20), crop=(2, 0), progress=False)
+    assert psnr(got[0].numpy(), want) >= 40
+    with torch.no_grad():  # the pooled vector is in the image: another one changes it
+        bridge.pooled.proj.bias.add_(1.0)
+    other = bridge.sample([PROMPT], seed=5, height=size, width=size, original_size=(24, 20), crop=(2, 0),
+                          progress=False)
+    assert psnr(other[0].numpy(), want) < 40
+    # a release without the pooled head does not load into SDXL, and one with it not into SD
+    os.remove(os.path.join(release, "pooled_head.safetensors"))
+    with pytest.raises(model.MissingInput, match="pooled_head.safetensors"):
+        model.load_bridge(release, lm=world["t5"], vision=str(root))
+
+
+def test_sdxl_bridges_train(world, bucket_tsv, tmp_path, monkeypatch, capsys):
+    """train.py --vision <SDXL pipeline>: lavi on real images with --buckets gives the U-Net each image's
+    micro-conditions (original size, crop, the bucket as target size) and trains the pooled head with the
+    adapter and LoRA; align and gluenet train it onto SDXL's own pooled vector (bigG's) beside the context,
+    and their checkpoints sample through sample.py."""
+    root = tmp_path / "sdxl"
+    tiny_sdxl_pipeline(root)
+    seen = []
+    text_time = unet.UNet.text_time
+
+    def spy(self, text_embeds, time_ids, B):
+        seen.append(time_ids.detach().clone())
+        return text_time(self, text_embeds, time_ids, B)
+    monkeypatch.setattr(unet.UNet, "text_time", spy)
+    common = ["--vision", str(root), "--lm", world["t5"], "--lora-rank", "4", "--num-workers", "0",
+              "--log-every", "1", "--warmup", "0", "--eval", "false"]
+    out = tmp_path / "lavi"
+    with pytest.warns(UserWarning, match="unreadable image"):
+        res = train.main(train.get_parser().parse_args(
+            [*common, "--data", str(bucket_tsv), "--size", "16", "--buckets", "true", "--bucket-step", "8",
+             "--steps", "4", "--batch-size", "2", "--save-every", "4", "--out", str(out)]))
+    assert all(math.isfinite(v) for _, v in res.history)
+    ds = data.ImageTextDataset(str(bucket_tsv), size=16, buckets=True, bucket_step=8)
+    by_size = {(h, w): i for i, (w, h) in enumerate(BUCKET_IMAGES)}
+    rows = [r for t in seen for r in t.long().tolist()]
+    assert len(rows) == 4 * 2 and len({tuple(r[4:]) for r in rows}) > 1  # more than one bucket drawn
+    for oh, ow, top, left, th, tw in rows:
+        i = by_size[(oh, ow)]
+        assert (th, tw) == ds.size_of(i)
+        assert (oh, ow, top, left) in [data.micro_conditions(ow, oh, (th, tw), f) for f in (False, True)]
+    w = ckpt_weights(out)[0]
+    assert w["pooled.score.weight"].abs().max() > 0  # zero-initialised: trained
+    assert any(k.startswith("lora_vis.") for k in w) and any(k.startswith("adapter.") for k in w)
+    # the text-only methods onto SDXL's own text path: context and pooled vector
+    (tmp_path / "caps.txt").write_text("\n".join(f"a {c} {s}" for c in ("red", "blue", "green")
+                                                for s in ("circle", "square", "star")) + "\n")
+    for method in ("align", "gluenet"):
+        out = tmp_path / method
+        res = train.main(train.get_parser().parse_args(
+            [*common, "--method", method, "--data", str(tmp_path / "caps.txt"), "--steps", "8",
+             "--batch-size", "4", "--save-every", "8", "--lr-adapter", "3e-3", "--glue-depth", "1",
+             "--out", str(out)]))
+        hist = [v for _, v in res.history]
+        assert hist[-1] < hist[0], (method, hist)
+        w = ckpt_weights(out)[0]
+        assert w["pooled.score.weight"].abs().max() > 0, method
+        capsys.readouterr()
+        run_sample("--bridge", str(out / "ckpt.safetensors"), "--steps", "2", "--height", "16", "--width",
+                   "16", "--prompt", "a red star", "--out", str(tmp_path / f"{method}.png"))
+        assert np.asarray(Image.open(tmp_path / f"{method}.png")).shape == (16, 16, 3)
+        assert "euler, 2 steps, CFG 5" in capsys.readouterr().out
+    train.main(train.get_parser().parse_args(  # the pooled head learns from its own loss alone
+        [*common, "--method", "align", "--data", str(tmp_path / "caps.txt"), "--steps", "2", "--batch-size",
+         "4", "--save-every", "2", "--loss-pooled", "0", "--out", str(tmp_path / "nopool")]))
+    assert ckpt_weights(tmp_path / "nopool")[0]["pooled.score.weight"].abs().max() == 0
+
+
+def test_pooled_head():
+    """adapter.PooledHead: attn starts as the mean (zero scores) and then weighs tokens; the mask drops
+    tokens (an all-masked prompt uses them all); it equals the reference written apart; bad kinds refused."""
+    torch.manual_seed(0)
+    ctx, mask = torch.randn(2, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    attn, mean = adapter.PooledHead(16, 6, "attn", heads=4), adapter.PooledHead(16, 6, "mean")
+    mean.load_state_dict({k: v for k, v in attn.state_dict().items() if not k.startswith("score.")})
+    assert torch.allclose(attn(ctx), mean(ctx), atol=1e-6)  # zero-initialised scores: uniform weights
+    ref = RefPooledHead(16, 6, heads=4)
+    _randomise(ref, torch.Generator().manual_seed(1), 0.5)
+    attn.load_state_dict(ref.state_dict())
+    assert (attn(ctx) - ref(ctx)).abs().max() < 1e-6
+    assert not torch.allclose(attn(ctx), mean(ctx), atol=1e-3)
+    # masked tokens do not count: the same as the prompt cut to its kept tokens
+    assert torch.allclose(attn(ctx, mask)[0], ref(ctx[:1, :3])[0], atol=1e-6)
+    assert torch.allclose(attn(ctx, torch.zeros_like(mask)), attn(ctx), atol=1e-6)
+    with pytest.raises(model.BadInput, match="attn or mean"):
+        adapter.PooledHead(16, 6, "max")
 
 
 def test_gluegen_sound_release_samples_as_gluegen(world, tmp_path, capsys):
