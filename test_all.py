@@ -4082,7 +4082,7 @@ def test_sdxl_bridge_samples_as_diffusers_sdxl(world, tmp_path, capsys):
     assert "sampling: euler, 50 steps, CFG 5" in capsys.readouterr().out
     ours = np.asarray(Image.open(out))
     p = psnr(ours, want)
-    print(f"\nSDXL bridge (T5 + TextAdapter + pooled head + LoRA) vs StableDiffusionXLPipeline: PSNR {p:.1f} dB")
+    print(f"\nSDXL bridge (T5, TextAdapter, pooled head, LoRA) vs StableDiffusionXLPipeline: PSNR {p:.1f} dB")
     assert p >= 40 and want.std() > 5
     # the same bridge as a train.py checkpoint (pooled.* beside adapter.* and the LoRA)
     bridge = model.load_bridge(release, lm=world["t5"], vision=str(root))
