@@ -7,6 +7,7 @@ bridge is built from a BridgeConfig, and its checkpoint (what it trains, and how
 import json
 import math
 import os
+import re
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from typing import Optional, Union
@@ -25,8 +26,8 @@ from lora import (LORA_TARGETS, export_release_list, import_release_list, inject
                   load_release_file, lora_state_dict, merge_lora, unwrap_lora)
 from model_io import (BadInput, MissingInput, check_finite, hub_folder, load_strict, load_weights,
                       optimizer_state, optimizer_tensors, read_config, read_safetensors,
-                      read_safetensors_metadata, save_safetensors)
-from schedulers import DDPM, PIXART_SCHEDULER, SD_SCHEDULER, make
+                      read_safetensors_metadata, save_safetensors, tensor_names)
+from schedulers import DDPM, PIXART_SCHEDULER, SD_SCHEDULER, SDXL_SCHEDULER, make
 from unet import UNet, VAE
 
 # -----------------------------------------------------------------------------
@@ -283,6 +284,42 @@ class SDXLTextEncoder(nn.Module):
             tok.padding_side = "right"
 
     @classmethod
+    def from_single_file(cls, path, tokenizers=None, dtype=torch.float32, device="cpu"):
+        """From an original SDXL single file's conditioner (sd_xl_base_1.0.safetensors): embedders.0 is
+        CLIP ViT-L in transformers' names under .transformer., embedders.1 OpenCLIP bigG in its own under
+        .model. (openclip_to_transformers). Every tensor of both is consumed (OpenCLIP's unused logit_scale
+        aside); the configs come from the shapes, with OpenAI CLIP-L's quick_gelu and OpenCLIP's gelu (not
+        in the tensors). A single file has no tokenizers: they come from `tokenizers`, a pipeline folder or
+        hub repo with tokenizer/ and tokenizer_2/ (default SDXL_TOKENIZERS)."""
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+        folder = hub_folder(tokenizers or SDXL_TOKENIZERS, ["tokenizer/*", "tokenizer_2/*"], "SDXL tokenizers")
+        toks = [AutoTokenizer.from_pretrained(os.path.join(folder, s)) for s in ("tokenizer", "tokenizer_2")]
+        sd = load_weights(path)
+        parts = [{k[len(p):]: v for k, v in sd.items() if k.startswith(p)} for p in SDXL_CONDITIONER]
+        if not all(parts):
+            raise BadInput(f"{path} has no SDXL text encoders: no {' or '.join(SDXL_CONDITIONER)}* tensors")
+        parts[1] = openclip_to_transformers(parts[1], path)
+        parts[0] = {k[len("text_model."):] if k.startswith("text_model.") else k: v
+                    for k, v in parts[0].items() if not k.endswith("position_ids")}
+        models = []
+        for sd_i, tok, cls_i, act in zip(parts, toks, (CLIPTextModel, CLIPTextModelWithProjection),
+                                         ("quick_gelu", "gelu")):
+            try:
+                cfg = clip_text_config(sd_i, tok, act)
+            except (KeyError, ValueError) as e:
+                raise BadInput(f"{path}: the SDXL text encoder lacks {e} (incomplete file?)") from None
+            with torch.device("meta"):
+                m = cls_i(cfg).to(dtype)
+            load_strict(m, sd_i, f"SDXL text encoder in {path}")
+            for name, buf in list(m.named_buffers()):  # position_ids: not in the file, made off the meta device
+                if buf.is_meta:
+                    owner, _, leaf = name.rpartition(".")
+                    m.get_submodule(owner).register_buffer(leaf, torch.arange(buf.shape[-1]).expand(buf.shape),
+                                                           persistent=False)
+            models.append(m.to(device).eval())
+        return cls(toks, models)
+
+    @classmethod
     def load(cls, folder, dtype=torch.float32, device="cpu"):
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
         subs = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
@@ -325,6 +362,63 @@ class SDXLTextEncoder(nn.Module):
 
     def encode(self, prompts):
         return self(*self.tokenize(prompts))
+
+
+SDXL_CONDITIONER = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+SDXL_TOKENIZERS = "stabilityai/stable-diffusion-xl-base-1.0"  # its tokenizer/ and tokenizer_2/
+OPENCLIP_NAMES = (("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."),
+                  ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj."))
+
+
+def openclip_to_transformers(sd, path):
+    """OpenCLIP's text tower (token_embedding, positional_embedding, transformer.resblocks.N, ln_final,
+    text_projection) -> CLIPTextModelWithProjection's names: attn.in_proj split in three equal row blocks
+    into q, k, v; text_projection (x @ P) transposed into a Linear; logit_scale (the image tower's) dropped.
+    Anything else is an error naming it."""
+    out = {}
+    for k, v in sd.items():
+        if k == "logit_scale":
+            continue
+        if k in ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
+                 "text_projection"):
+            name = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+                    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+                    "text_projection": "text_projection.weight"}.get(k, "text_model.final_layer_norm." +
+                                                                     k.rsplit(".", 1)[-1])
+            out[name] = v.T.contiguous() if k == "text_projection" else v
+            continue
+        m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)", k)
+        if m is None:
+            raise BadInput(f"{path}: unexpected OpenCLIP tensor {k!r} in the SDXL conditioner")
+        layer, rest = f"text_model.encoder.layers.{m[1]}.", m[2]
+        if rest.startswith("attn.in_proj_"):
+            kind = rest.rsplit("_", 1)[-1]  # weight | bias
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                out[f"{layer}self_attn.{proj}.{kind}"] = part
+            continue
+        for old, new in OPENCLIP_NAMES:
+            if rest.startswith(old):
+                out[layer + new + rest[len(old):]] = v
+                break
+        else:
+            raise BadInput(f"{path}: unexpected OpenCLIP tensor {k!r} in the SDXL conditioner")
+    return out
+
+
+def clip_text_config(sd, tokenizer, act):
+    """A CLIPTextConfig from a transformers-layout CLIP text state dict (with or without text_model.) and
+    its tokenizer's special ids; heads of 64 channels, as every CLIP text tower."""
+    from transformers import CLIPTextConfig
+    p = "text_model." if "text_model.embeddings.token_embedding.weight" in sd else ""
+    vocab, width = sd[p + "embeddings.token_embedding.weight"].shape
+    layers = 1 + max(int(k.split(".")[len(p.split(".")) + 1]) for k in sd if k.startswith(p + "encoder.layers."))
+    proj = sd.get("text_projection.weight")
+    return CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
+        intermediate_size=sd[p + "encoder.layers.0.mlp.fc1.weight"].shape[0], hidden_act=act,
+        max_position_embeddings=sd[p + "embeddings.position_embedding.weight"].shape[0],
+        projection_dim=proj.shape[0] if proj is not None else width, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
 # -----------------------------------------------------------------------------
@@ -396,9 +490,15 @@ def load_vision(name, dtype=torch.float32, device="cpu", pretrained=True):
     if os.path.isfile(sched_json):
         with open(sched_json) as f:
             sched = json.load(f)
-    else:
-        sched = dict(PIXART_SCHEDULER if kind == "dit" else SD_SCHEDULER)
+    else:  # a single file: the scheduler of its family (SDXL's file names Euler's "leading" spacing)
+        sdxl = kind == "unet" and denoiser.cfg.addition_embed_type == "text_time"
+        sched = dict(PIXART_SCHEDULER if kind == "dit" else SDXL_SCHEDULER if sdxl else SD_SCHEDULER)
     return denoiser, vae, sched, kind
+
+
+def is_sdxl_single_file(path):
+    """An original SDXL checkpoint file: it has the conditioner's OpenCLIP bigG."""
+    return any(k.startswith(SDXL_CONDITIONER[1]) for k in tensor_names(path))
 
 
 def load_native_encoder(vision, dtype=torch.float32, device="cpu", pretrained=True):
@@ -408,12 +508,15 @@ def load_native_encoder(vision, dtype=torch.float32, device="cpu", pretrained=Tr
     - shapes / shapes:PATH: the base model's own WordEncoder (16 words, the mask to the U-Net);
     - a pipeline (VISION_PRESETS name or folder): text_encoder/ + tokenizer/ under the pipeline's recipe:
       CLIP (SD) 77 tokens padded, no mask; T5 (PixArt) 120 tokens, the mask to T5 and to the DiT;
-      LDM: LDMBert (bert/ + tokenizer/), 77 tokens padded, no mask;
+      LDM: LDMBert (bert/ + tokenizer/), 77 tokens padded, no mask; SDXL: CLIP-L + bigG (SDXLTextEncoder);
+    - an original SDXL single file: its conditioner's two encoders (SDXLTextEncoder.from_single_file);
     - anything else: a language model (LM_PRESETS name, hub id or folder) under its own recipe,
       e.g. "clip" = openai/clip-vit-large-patch14, the text encoder of SD 1.x."""
     if is_shapes(vision):
         words = shapes.load_base(shapes.base_path(vision))[1] if pretrained else shapes.new_words()
         return words.to(device, dtype).requires_grad_(False).eval()
+    if os.path.isfile(vision) and is_sdxl_single_file(vision):  # its conditioner's two encoders
+        return SDXLTextEncoder.from_single_file(vision, dtype=dtype, device=device).requires_grad_(False).eval()
     pipeline = vision in VISION_PRESETS or os.path.isdir(vision) and any(
         os.path.exists(os.path.join(vision, n)) for n in ("model_index.json", "text_encoder", "bert", "unet",
                                                           "transformer"))

@@ -111,6 +111,19 @@ def read_safetensors(path, what="file", tensors=True):
         raise BadInput(f"cannot read {what} {path} (truncated or corrupt?): {e}") from None
 
 
+def tensor_names(path, what="checkpoint"):
+    """The tensor names of a weight file: a safetensors file's from its header alone, others loaded
+    (memory-mapped where the format allows)."""
+    if not path.endswith(".safetensors"):
+        return list(load_weights(path))
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return list(f.keys())
+    except Exception as e:
+        raise BadInput(f"cannot read {what} {path} (truncated or corrupt?): {e}") from None
+
+
 def read_safetensors_metadata(path, what="file"):
     """The {str: str} metadata of a safetensors file from its header alone (no tensor is read)."""
     return read_safetensors(path, what, tensors=False)[1]

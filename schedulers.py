@@ -577,6 +577,10 @@ def make(name, config):
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                     beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False, clip_sample=False,
                     skip_prk_steps=True, prediction_type="epsilon")
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (EulerDiscreteScheduler): SD's
+# betas, "leading" spacing, linear interpolation, no Karras sigmas (what a single SDXL file samples with)
+SDXL_SCHEDULER = dict(SD_SCHEDULER, timestep_spacing="leading", interpolation_type="linear",
+                      use_karras_sigmas=False, sample_max_value=1.0)
 # PixArt-alpha/PixArt-XL-2-512x512 scheduler/scheduler_config.json (DPMSolverMultistepScheduler defaults)
 PIXART_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                         timestep_spacing="linspace", steps_offset=0, prediction_type="epsilon",

@@ -1498,20 +1498,21 @@ def _word_tokenizer(folder, specials, template, **names):
 PROMPTS = ["a red circle above a blue square", "two small green triangles"]
 
 
-def _sdxl_text(root):
+def _sdxl_text(root, widths=(32, 48), heads=(4, 4), acts=("quick_gelu", "quick_gelu")):
     """SDXL's two tiny random text encoders and tokenizers into a pipeline folder: [(tokenizer, model)]."""
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    specs = (("text_encoder", "tokenizer", CLIPTextModel, 32, ["<|startoftext|>", "<|endoftext|>"],
-              "<|endoftext|>"),
-             ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection, 48,
-              ["!", "<|endoftext|>", "<|startoftext|>"], "!"))
+    specs = (("text_encoder", "tokenizer", CLIPTextModel, widths[0], ["<|startoftext|>", "<|endoftext|>"],
+              "<|endoftext|>", heads[0], acts[0]),
+             ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection, widths[1],
+              ["!", "<|endoftext|>", "<|startoftext|>"], "!", heads[1], acts[1]))
     refs = []
-    for enc, tok, cls, width, specials, pad in specs:
+    for enc, tok, cls, width, specials, pad, n_heads, act in specs:
         vocab = _tokenizer(str(root / tok), specials, "<|startoftext|> $A <|endoftext|>",
                            bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token=pad,
                            unk_token="<|endoftext|>", model_max_length=77)
         cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
-                             num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
+                             num_hidden_layers=3, num_attention_heads=n_heads, max_position_embeddings=77,
+                             hidden_act=act,
                              projection_dim=width, bos_token_id=vocab["<|startoftext|>"],
                              eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab[pad])
         torch.manual_seed(len(refs))
@@ -1520,6 +1521,95 @@ def _sdxl_text(root):
         m.save_pretrained(str(root / enc))
         refs.append((AutoTokenizer.from_pretrained(str(root / tok)), m))
     return refs
+
+
+def hf_to_openclip(sd):
+    """CLIPTextModelWithProjection's state dict -> OpenCLIP's text tower names (as SGM's conditioner stores
+    bigG), written from the OpenCLIP module layout: q, k, v stacked into attn.in_proj, the projection as
+    the matrix x @ P (transposed), logit_scale beside it."""
+    out = {"logit_scale": torch.tensor(4.6052)}
+    for k, v in sd.items():
+        k = k.removeprefix("text_model.")
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", k)
+        if m is None:
+            out[{"embeddings.token_embedding.weight": "token_embedding.weight",
+                 "embeddings.position_embedding.weight": "positional_embedding",
+                 "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias",
+                 "text_projection.weight": "text_projection"}[k]] = v.T.contiguous() if "proj" in k else v
+            continue
+        block, rest = f"transformer.resblocks.{m[1]}.", m[2]
+        if rest.startswith("self_attn.q_proj."):
+            kind = rest.rsplit(".", 1)[1]
+            out[f"{block}attn.in_proj_{kind}"] = torch.cat(
+                [sd[f"text_model.encoder.layers.{m[1]}.self_attn.{p}_proj.{kind}"] for p in "qkv"])
+        elif not rest.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+            for ours, theirs in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                                 ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")):
+                rest = rest.replace(ours, theirs)
+            out[block + rest] = v
+    return out
+
+
+def test_sdxl_single_file_whole(tmp_path, monkeypatch):
+    """The whole original SDXL single file: U-Net, VAE (scaled by 0.13025, as SGM's config says) and the
+    conditioner's two text encoders (CLIP-L in transformers' names, bigG in OpenCLIP's). Our OpenCLIP map
+    gives what diffusers' convert_open_clip_checkpoint gives; native_bridge(file) has the same weights and
+    samples the same image as native_bridge(pipeline folder) of the same models (Euler, SDXL's leading
+    spacing); a missing or an unknown conditioner tensor is an error naming it."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextModelWithProjection
+    root = tmp_path / "pipe"
+    refs = _sdxl_text(root, widths=(64, 128), heads=(1, 2), acts=("quick_gelu", "gelu"))
+    cfg = unet.UNetConfig(sample_size=8, block_out_channels=(64, 128), layers_per_block=1,
+                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 2),
+                          transformer_layers_per_block=(1, 2), cross_attention_dim=192,
+                          use_linear_projection=True, addition_embed_type="text_time",
+                          addition_time_embed_dim=256, projection_class_embeddings_input_dim=128 + 6 * 256)
+    ref_u = diffusers_unet(cfg)
+    vae_cfg = unet.VAEConfig(block_out_channels=(32, 64), layers_per_block=1, scaling_factor=0.13025)
+    ref_v = diffusers_vae(vae_cfg)
+    ref_u.save_pretrained(str(root / "unet"))
+    ref_v.save_pretrained(str(root / "vae"))
+    os.makedirs(root / "scheduler")
+    with open(root / "scheduler" / "scheduler_config.json", "w") as f:
+        json.dump(SDXL_SCHEDULER_JSON, f)
+    single = {"model.diffusion_model." + unet_to_original(k, cfg): v for k, v in ref_u.state_dict().items()}
+    for k, v in ref_v.state_dict().items():
+        k, v = vae_to_original(k, v, 2)
+        single["first_stage_model." + k] = v
+    for k, v in refs[0][1].state_dict().items():  # the original file keeps transformers' old text_model.
+        single["conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model.")] = v
+    for k, v in hf_to_openclip(refs[1][1].state_dict()).items():
+        single["conditioner.embedders.1.model." + k] = v
+    path = str(tmp_path / "sd_xl_base.safetensors")
+    save_file({k: v.contiguous() for k, v in single.items()}, path)
+    # our OpenCLIP map is diffusers'
+    prefix = "conditioner.embedders.1.model."
+    theirs = convert_open_clip_checkpoint(CLIPTextModelWithProjection(refs[1][1].config), single, prefix)
+    ours = model.openclip_to_transformers({k[len(prefix):]: v for k, v in single.items()
+                                           if k.startswith(prefix)}, path)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    monkeypatch.setattr(model, "SDXL_TOKENIZERS", str(root))  # a single file has none
+    a, b = model.native_bridge(str(root)), model.native_bridge(path)
+    assert b.sdxl and b.vae.cfg.scaling_factor == 0.13025 and b.sampling.scheduler == "euler"
+    assert [m.config.hidden_act for m in b.text.models] == ["quick_gelu", "gelu"]
+    for x, y in ((a.text, b.text), (a.denoiser, b.denoiser), (a.vae, b.vae)):
+        sx, sy = x.state_dict(), y.state_dict()
+        assert sx.keys() == sy.keys() and all(torch.equal(sx[k], sy[k]) for k in sx)
+    kw = dict(steps=4, height=16, width=16, seed=2, progress=False, original_size=(20, 24))
+    img = b.sample(["a red circle"], **kw)
+    assert torch.equal(a.sample(["a red circle"], **kw), img) and img.float().std() > 5
+    # strict: a missing bigG tensor, an unknown one
+    for change, match in ((lambda s: s.pop(prefix + "transformer.resblocks.1.ln_2.bias"),
+                           "missing.*layers.1.layer_norm2.bias"),
+                          (lambda s: s.update({prefix + "transformer.resblocks.1.ln_3.bias": torch.ones(2)}),
+                           "resblocks.1.ln_3.bias")):
+        bad = dict(single)
+        change(bad)
+        save_file({k: v.contiguous() for k, v in bad.items()}, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(model.BadInput, match=match):
+            model.load_native_encoder(str(tmp_path / "bad.safetensors"))
 
 
 def test_sdxl_native_text_path(tmp_path):

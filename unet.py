@@ -7,7 +7,7 @@ this file.
 import functools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -689,6 +689,7 @@ class VAE(nn.Module):
 
 UNET_PREFIX = "model.diffusion_model."  # the U-Net inside an original SD/LDM single file
 VAE_PREFIX = "first_stage_model."  # the VAE inside an original SD/LDM single file
+SDXL_VAE_SCALING = 0.13025  # SGM's sd_xl_base.yaml scale_factor (SD 1.x: 0.18215)
 # The rest of an original SD/LDM single file, skipped by both loaders (anything else is an error):
 SINGLE_FILE_OTHER_PREFIXES = (
     "cond_stage_model.",  # the text encoder (CLIP in SD, LDMBert in LDM): loaded elsewhere
@@ -866,6 +867,7 @@ def _vae_checkpoint(path):
     cfg, sd, is_folder = open_checkpoint(path, ("vae", "vqvae"), ("AutoencoderKL",), "VAE")
     if is_folder:
         return VAEConfig.from_diffusers(cfg), apply_key_map(sd, vae_key_from_old_diffusers)
+    sdxl = any(k.startswith("conditioner.") for k in sd)  # SDXL's single file: its VAE scales by 0.13025
     if any(k.startswith(VAE_PREFIX) for k in sd):  # original SD/LDM single file
         sd = _component(sd, VAE_PREFIX, path, "VAE")
     if "encoder.down.0.block.0.conv1.weight" in sd:  # original layout
@@ -873,7 +875,8 @@ def _vae_checkpoint(path):
         sd = {k: v for k, v in sd.items() if not k.startswith(SINGLE_FILE_OTHER_PREFIXES)}
         n = _count(sd, r"encoder\.down\.(\d+)\.")
         sd = apply_key_map(sd, lambda k, v: vae_key_from_original(k, v, n))
-        return _infer(infer_vae_config, sd, path), sd
+        cfg = _infer(infer_vae_config, sd, path)
+        return (replace(cfg, scaling_factor=SDXL_VAE_SCALING) if sdxl else cfg), sd
     if "encoder.conv_in.weight" in sd and "post_quant_conv.weight" in sd:  # diffusers layout, bare file
         sd = apply_key_map(sd, vae_key_from_old_diffusers)
         if cfg is not None and cfg.get("_class_name") == "AutoencoderKL":
