@@ -292,7 +292,8 @@ class SDXLTextEncoder(nn.Module):
         in the tensors). A single file has no tokenizers: they come from `tokenizers`, a pipeline folder or
         hub repo with tokenizer/ and tokenizer_2/ (default SDXL_TOKENIZERS)."""
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-        folder = hub_folder(tokenizers or SDXL_TOKENIZERS, ["tokenizer/*", "tokenizer_2/*"], "SDXL tokenizers")
+        folder = hub_folder(tokenizers or SDXL_TOKENIZERS, ["tokenizer/*", "tokenizer_2/*"],
+                            "SDXL tokenizers")
         toks = [AutoTokenizer.from_pretrained(os.path.join(folder, s)) for s in ("tokenizer", "tokenizer_2")]
         sd = load_weights(path)
         parts = [{k[len(p):]: v for k, v in sd.items() if k.startswith(p)} for p in SDXL_CONDITIONER]
@@ -311,11 +312,11 @@ class SDXLTextEncoder(nn.Module):
             with torch.device("meta"):
                 m = cls_i(cfg).to(dtype)
             load_strict(m, sd_i, f"SDXL text encoder in {path}")
-            for name, buf in list(m.named_buffers()):  # position_ids: not in the file, made off the meta device
+            for name, buf in list(m.named_buffers()):  # position_ids: not in the file, made off meta
                 if buf.is_meta:
                     owner, _, leaf = name.rpartition(".")
-                    m.get_submodule(owner).register_buffer(leaf, torch.arange(buf.shape[-1]).expand(buf.shape),
-                                                           persistent=False)
+                    ids = torch.arange(buf.shape[-1]).expand(buf.shape)
+                    m.get_submodule(owner).register_buffer(leaf, ids, persistent=False)
             models.append(m.to(device).eval())
         return cls(toks, models)
 
@@ -411,7 +412,8 @@ def clip_text_config(sd, tokenizer, act):
     from transformers import CLIPTextConfig
     p = "text_model." if "text_model.embeddings.token_embedding.weight" in sd else ""
     vocab, width = sd[p + "embeddings.token_embedding.weight"].shape
-    layers = 1 + max(int(k.split(".")[len(p.split(".")) + 1]) for k in sd if k.startswith(p + "encoder.layers."))
+    layers = 1 + max(int(re.match(r"encoder\.layers\.(\d+)\.", k[len(p):])[1]) for k in sd
+                     if k.startswith(p + "encoder.layers."))
     proj = sd.get("text_projection.weight")
     return CLIPTextConfig(
         vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=width // 64,
@@ -516,7 +518,8 @@ def load_native_encoder(vision, dtype=torch.float32, device="cpu", pretrained=Tr
         words = shapes.load_base(shapes.base_path(vision))[1] if pretrained else shapes.new_words()
         return words.to(device, dtype).requires_grad_(False).eval()
     if os.path.isfile(vision) and is_sdxl_single_file(vision):  # its conditioner's two encoders
-        return SDXLTextEncoder.from_single_file(vision, dtype=dtype, device=device).requires_grad_(False).eval()
+        enc = SDXLTextEncoder.from_single_file(vision, dtype=dtype, device=device)
+        return enc.requires_grad_(False).eval()
     pipeline = vision in VISION_PRESETS or os.path.isdir(vision) and any(
         os.path.exists(os.path.join(vision, n)) for n in ("model_index.json", "text_encoder", "bert", "unet",
                                                           "transformer"))
