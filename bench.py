@@ -7,6 +7,7 @@ pip install -r requirements-test.txt peft     # the references: diffusers (tests
 python bench.py --quick                      # no 64x64 U-Net or sd14 sampling rows, fewer repeats (~7 min)
 python bench.py --out bench.md               # every row (--threads 2 on free cores: faster)
 python bench.py --rows unet,merge            # some rows: unet, sample, lora, merge, shapes, compile
+python bench.py --memory                     # SDXL bridge training memory: estimate + CPU peaks (~15 GB RSS)
 
 On a CUDA machine every row runs a second time in bf16 autocast. bench.py and the tests are the only files
 that import diffusers and peft (the reference implementations).
@@ -36,13 +37,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cpu
 import shapes
-from adapter import TextAdapter
+from adapter import PooledHead, TextAdapter
 from lora import LORA_TARGETS, inject, lora_parameters, merge_lora, unwrap_lora
 from model import Bridge, BridgeConfig
 from model_io import load_strict
 from schedulers import DDPM, SD_SCHEDULER
 from shapes import PixelCodec, WordEncoder, WordEncoderConfig
-from unet import UNET_PRESETS, UNet, UNetConfig
+from unet import UNET_PRESETS, UNet, UNetConfig, set_grad_checkpointing
 
 ROWS = ("unet", "sample", "lora", "merge", "shapes", "compile")
 PROMPT, NEGATIVE = "a small red circle on the left", ""  # "": the CFG null caption, as Bridge.sample defaults
@@ -483,6 +484,10 @@ def main(args):
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the memory subprocesses
     if args.lora_mem:
         return lora_memory(args.lora_mem, make_env(args.device))
+    if args.sdxl_mem:
+        return sdxl_step_memory(args.sdxl_mem, args.checkpointing)
+    if args.memory:
+        return memory_report(args)
     rows = args.rows.split(",")
     bad = [r for r in rows if r not in ROWS]
     if bad:
@@ -529,6 +534,120 @@ def main(args):
             f.write(text)
 
 
+# -----------------------------------------------------------------------------
+# memory of a bridge into SDXL: estimated from parameter counts, and the U-Net's training step measured
+
+# hub configs of the LMs (google-t5/t5-large, meta-llama/Llama-2-7b-hf), built on the meta device to count
+LMS = {"t5-large": ("T5", dict(vocab_size=32128, d_model=1024, d_kv=64, d_ff=4096, num_layers=24,
+                               num_heads=16)),
+       "Llama-2-7B": ("Llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32))}
+MEM_SIDES = (16, 32, 48)  # latent sides of the measured steps (128, 256, 384 px); 1024 px is 128
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def memory_parts(lm):
+    """{part: (parameters, frozen?)} of a rank-32 LaVi-Bridge bridge of `lm` into SDXL (meta device)."""
+    import transformers as tr
+    family, kw = LMS[lm]
+    with torch.device("meta"):
+        unet = UNet(UNET_PRESETS["sdxl"]).requires_grad_(False)
+        text = (tr.T5EncoderModel(tr.T5Config(**kw)) if family == "T5" else
+                tr.LlamaForCausalLM(tr.LlamaConfig(**kw))).requires_grad_(False)
+        width = text.config.d_model if family == "T5" else text.config.hidden_size
+        n_unet, n_text = count(unet), count(text)
+        inject(unet, LORA_TARGETS["unet"], RANK)
+        inject(text, LORA_TARGETS["t5" if family == "T5" else "llama"], RANK)
+        adapter = TextAdapter(width, (width + 2048) // 2, 2048)
+        pooled = PooledHead(2048, 1280)
+    return {"SDXL U-Net": (n_unet, True), f"{lm}": (n_text, True), "SDXL VAE": (83_653_863, True),
+            "LoRA (U-Net, rank 32)": (sum(p.numel() for p in lora_parameters(unet)), False),
+            "LoRA (LM, rank 32)": (sum(p.numel() for p in lora_parameters(text)), False),
+            "adapter + pooled head": (count(adapter) + count(pooled), False)}
+
+
+def sdxl_step_memory(side, checkpointing):
+    """Child process: the full-size SDXL U-Net (random fp32 weights), rank-32 LoRA, AdamW, batch 1 at a
+    side x side latent with a 77 x 2048 context and the pooled vector / size ids: peak RSS of two training
+    steps above the built model."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        unet = UNet(UNET_PRESETS["sdxl"])
+    unet = unet.to_empty(device="cpu").requires_grad_(False)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0, 0.02)
+    inject(unet, LORA_TARGETS["unet"], RANK)
+    set_grad_checkpointing(unet, checkpointing)
+    unet.train()
+    opt = torch.optim.AdamW(lora_parameters(unet), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x, noise = (torch.randn(1, 4, side, side, generator=g) for _ in range(2))
+    ctx = torch.randn(1, 77, 2048, generator=g).requires_grad_(True)  # as the adapter's output: it trains
+    pooled = torch.randn(1, 1280, generator=g).requires_grad_(True)
+    ids = torch.tensor([[8.0 * side, 8.0 * side, 0, 0, 8.0 * side, 8.0 * side]])
+    base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+    t0 = time.perf_counter()
+    for _ in range(2):
+        loss = F.mse_loss(unet(x, torch.tensor([500]), ctx, text_embeds=pooled, time_ids=ids), noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    with open("/proc/self/status") as f:
+        peak = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+    n_lora = sum(p.numel() for p in lora_parameters(unet))
+    print("MEM " + json.dumps({"base": base, "delta": peak - base, "lora": n_lora,
+                               "step_s": (time.perf_counter() - t0) / 2}))
+
+
+def memory_report(args):
+    """The markdown memory report: the estimate of each part from its parameter count (frozen in bf16, the
+    trainable in fp32 with its gradient and AdamW's two moments: 16 bytes), and the U-Net's measured peaks
+    above its weights at small latents, with and without gradient checkpointing."""
+    GB = 2 ** 30
+    lines = ["# SDXL bridge training memory (`python bench.py --memory`)", "",
+             f"- machine: {machine()}; torch {torch.__version__}", "",
+             "## Estimate from parameter counts (frozen parts bf16, trainable fp32 + grad + AdamW)", "",
+             "| LM | part | parameters | bytes / param | GiB |", "|---|---|---|---|---|"]
+    for lm in LMS:
+        total = 0.0
+        for part, (n, frozen) in memory_parts(lm).items():
+            gib = n * (2 if frozen else 16) / GB
+            total += gib
+            lines.append(f"| {lm} | {part} | {n:,} | {2 if frozen else 16} | {gib:.2f} |")
+        lines.append(f"| {lm} | **weights and optimiser state** | | | **{total:.2f}** |")
+    lines += ["", "## Measured: the full-size SDXL U-Net's training step on this CPU (fp32, batch 1, rank-32 "
+              "LoRA, AdamW)", "",
+              "Peak RSS of two steps above the built model (10.3 GB of fp32 weights): the activations, "
+              "LoRA gradients and AdamW state.", "",
+              "| latent | pixels | gradient checkpointing | peak above the model | of which LoRA grad + "
+              "AdamW | step |", "|---|---|---|---|---|---|"]
+    for side in MEM_SIDES:
+        for ck in (False, True):
+            cmd = [sys.executable, os.path.abspath(__file__), "--sdxl-mem", str(side), "--threads",
+                   str(args.threads)] + (["--checkpointing"] if ck else [])
+            out = subprocess.run(cmd, capture_output=True, text=True,
+                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("MEM ")]
+            if not line:
+                raise RuntimeError(f"SDXL memory subprocess failed:\n{out.stderr[-3000:]}")
+            m = json.loads(line[-1][4:])
+            states = m["lora"] * 12 / GB  # fp32 grad + two moments
+            lines.append(f"| {side}x{side} | {8 * side} px | {'on' if ck else 'off'} | "
+                         f"{m['delta'] / GB:.2f} GiB | {states:.2f} GiB | {m['step_s']:.0f} s |")
+            print(lines[-1], file=sys.stderr)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows to run, of {','.join(ROWS)}")
@@ -539,8 +658,12 @@ def get_parser():
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (the cores are shared: default 1)")
     p.add_argument("--out", default="", help="also write the markdown table to this file")
-    # memory subprocess
+    p.add_argument("--memory", action="store_true",
+                   help="instead of the rows: SDXL bridge training memory, estimated and measured")
+    # memory subprocesses
     p.add_argument("--lora-mem", choices=["ours", "ours-plain", "ref"], help=argparse.SUPPRESS)
+    p.add_argument("--sdxl-mem", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     return p
 

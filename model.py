@@ -708,6 +708,18 @@ class Bridge(nn.Module):
         dev = next(self.denoiser.parameters()).device
         return self.encode_ids(ids.to(dev), mask.to(dev), pooled=True)
 
+    def decode(self, x):
+        """Scaled latents -> images in [-1, 1]. SDXL's VAE overflows in fp16: as its pipeline does
+        (force_upcast), an fp16 VAE decodes SDXL's latents in fp32 and goes back to fp16 after."""
+        upcast = self.sdxl and next(self.vae.parameters()).dtype == torch.float16
+        if upcast:
+            self.vae.float()
+        try:
+            return self.vae.decode(x.to(next(self.vae.parameters()).dtype) / self.vae.cfg.scaling_factor)
+        finally:
+            if upcast:
+                self.vae.half()
+
     def denoise(self, x, t, ctx, mask=None, added=None):
         """x (B, C, h, w), t (B,) -> the model output the scheduler expects (learned sigma dropped).
         added: SDXL's (pooled (B, P), time_ids (B, 6))."""
@@ -809,7 +821,7 @@ class Bridge(nn.Module):
             if not torch.isfinite(x).all():  # one host sync a step: far below the cost of the step
                 raise BadInput(f"the latents became non-finite (NaN or inf) at step {i + 1} (t={t}) of "
                                f"{len(ts)}: the vision model's weights, its dtype or the guidance")
-        img = self.vae.decode(x / self.vae.cfg.scaling_factor).float()
+        img = self.decode(x).float()
         img = (img / 2 + 0.5).clamp(0, 1)
         return (img.permute(0, 2, 3, 1) * 255).to(torch.uint8).cpu()  # truncation, as the official code
 

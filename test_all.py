@@ -4099,6 +4099,13 @@ def test_sdxl_native_samples_as_diffusers_pipeline(tmp_path):
     other = bridge.sample([prompt], steps=6, guidance=5.0, height=size, width=size, seed=3, progress=False,
                           original_size=(24, 20), crop=(8, 4)).numpy()[0]
     assert not np.array_equal(other, ours)
+    # force_upcast: an fp16 VAE decodes SDXL's latents in fp32 (the fp32 result), then is fp16 again
+    lat = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 4
+    want = bridge.decode(lat)
+    bridge.vae.half()
+    got = bridge.decode(lat.half())
+    assert got.dtype == torch.float32 and next(bridge.vae.parameters()).dtype == torch.float16
+    assert (got - want).abs().max() < 2e-2 * want.abs().max()  # only the weights were rounded to fp16
 
 
 class RefPooledHead(nn.Module):

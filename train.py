@@ -83,6 +83,9 @@ PRESETS = {
     "t5-sd14": dict(lm="t5-large", vision="sd14"),
     "llama2-sd14": dict(lm="llama2", vision="sd14"),
     "t5-pixart": dict(lm="t5-large", vision="pixart-512", lr_vision=2e-5, lr_adapter=2e-5),
+    # the same recipe into SDXL (no release exists): 1024 px in aspect-ratio buckets, activations recomputed
+    "t5-sdxl": dict(lm="t5-large", vision="sdxl", size=1024, buckets=True, grad_checkpointing=True),
+    "llama2-sdxl": dict(lm="llama2", vision="sdxl", size=1024, buckets=True, grad_checkpointing=True),
     # the shapes world (shapes.py): MiniLM bridged into the shipped base model, on a CPU
     "shapes": dict(SHAPES_DATA, lm="minilm", steps=300, max_length=16, lora_rank=8, lora_dropout=0.0,
                    lr_vision=5e-4, lr_lm=5e-5, lr_adapter=1e-3, warmup=50, out="out/shapes", save_every=100,
