@@ -163,7 +163,7 @@ LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
 
 
 @pytest.mark.parametrize("name,keys", [("sd14", "sd14_unet"), ("ldm", "ldm_unet"), ("sd", "sd14_vae"),
-                                       ("sdxl", "sdxl_unet")])
+                                       ("sdxl", "sdxl_unet"), ("sd", "sdxl_vae")])
 def test_state_dict_keys_match_official(name, keys):
     """Every tensor name and shape of the official checkpoints, in the same (registration) order."""
     with torch.device("meta"):
@@ -1548,6 +1548,29 @@ def hf_to_openclip(sd):
                 rest = rest.replace(ours, theirs)
             out[block + rest] = v
     return out
+
+
+def test_sdxl_bigg_full_size_names(tmp_path):
+    """SDXL's OpenCLIP bigG at full size (meta tensors, nothing allocated): the official transformers
+    tensor list written in OpenCLIP's layout and mapped back is that list again, name for name and shape
+    for shape (694,659,840 parameters); its inferred config is bigG's and builds a model of that list."""
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+    with open(os.path.join(KEYS_DIR, "clip_g_text.txt")) as f:
+        ref = dict(ln.split("\t") for ln in f.read().splitlines())
+    with torch.device("meta"):
+        sd = {k: torch.empty(ast.literal_eval(s)) for k, s in ref.items()}
+        back = model.openclip_to_transformers(hf_to_openclip(sd), "bigG")
+    assert {k: str(tuple(v.shape)) for k, v in back.items()} == ref
+    assert sum(v.numel() for v in back.values()) == 694_659_840
+    _tokenizer(str(tmp_path / "tok"), ["!", "<|endoftext|>", "<|startoftext|>"],
+               "<|startoftext|> $A <|endoftext|>", bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+               pad_token="!", unk_token="<|endoftext|>")
+    cfg = model.clip_text_config(back, AutoTokenizer.from_pretrained(str(tmp_path / "tok")), "gelu")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size,
+            cfg.projection_dim, cfg.vocab_size) == (1280, 32, 20, 5120, 1280, 49408)
+    with torch.device("meta"):
+        built = CLIPTextModelWithProjection(cfg)
+    assert {k: str(tuple(v.shape)) for k, v in built.state_dict().items()} == ref
 
 
 def test_sdxl_single_file_whole(tmp_path, monkeypatch):
