@@ -7,6 +7,7 @@ every flag overrides its part, and the recipe used is printed.
 python sample.py            # the shapes world: out/shapes/ckpt.safetensors -> out/shapes/grid.png
 python sample.py --eval     # ... and its attribute accuracy on held-out captions
 python sample.py --bridge lavi/t5_unet --lm t5-large --vision sd14 --prompt "a cat on a sofa" --out cat.png
+python sample.py --bridge native --vision sdxl --prompt "a cat on a sofa"   # a vision model's own encoder
 python sample.py --bridge out/shapes-sound/ckpt.safetensors --audio said.wav            # speech to image
 python sample.py --bridge out/shapes-sound/ckpt.safetensors --audio said.wav --prompt red  # speech + text
 """
@@ -31,8 +32,9 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to load
     p.add_argument("--bridge", default="out/shapes/ckpt.safetensors",
-                   help="a train.py checkpoint (.safetensors) or a LaVi-Bridge release folder (adapter/, "
-                        "lora_vis.pt, lora_text.pt)")
+                   help="a train.py checkpoint (.safetensors), a LaVi-Bridge release folder (adapter/, "
+                        "lora_vis.pt, lora_text.pt), a GlueGen release (.ckpt), or native: the --vision "
+                        "model with its own text encoder (the baseline)")
     p.add_argument("--lm", default=None,
                    help="language model (a release folder needs it; overrides a checkpoint's)")
     p.add_argument("--vision", default=None,
@@ -120,7 +122,12 @@ def check_args(args):
     if args.audio and args.prompt and len(args.prompt) not in (1, len(args.audio)):
         raise BadInput(f"mixing {len(args.audio)} clip(s) with {len(args.prompt)} prompts: give one prompt, "
                        f"or one per clip")
-    if os.path.isdir(args.bridge):
+    if args.bridge == "native":
+        if not args.vision or args.lm:
+            raise BadInput("--bridge native samples the --vision model with its own text encoder: pass "
+                           "--vision, and no --lm")
+        vision = args.vision
+    elif os.path.isdir(args.bridge):
         if not (args.lm and args.vision):
             raise BadInput("a release folder does not say which models it bridges: pass --lm and --vision")
         check_release_files(args.bridge)
@@ -194,8 +201,12 @@ def main(args):
     device, dtype = device_and_dtype(args.device, args.dtype)
     if args.lm_dtype in ("bf16", "fp16") and device.type != "cuda":
         raise BadInput(f"--lm-dtype {args.lm_dtype} is for CUDA; on {device.type} the LM computes in fp32")
-    bridge = load_bridge(args.bridge, dtype=dtype, device=device, merge=True, lm=args.lm, vision=args.vision,
-                         lora_rank=args.lora_rank, lm_dtype=DTYPES[args.lm_dtype] if args.lm_dtype else None)
+    if args.bridge == "native":
+        bridge = native_bridge(args.vision, dtype=dtype, device=device)
+    else:
+        bridge = load_bridge(args.bridge, dtype=dtype, device=device, merge=True, lm=args.lm,
+                             vision=args.vision, lora_rank=args.lora_rank,
+                             lm_dtype=DTYPES[args.lm_dtype] if args.lm_dtype else None)
     if device.type == "cpu":
         cpu.layout(bridge.denoiser)
     world = is_shapes(bridge.cfg.vision)

@@ -4122,6 +4122,10 @@ def test_sdxl_native_samples_as_diffusers_pipeline(tmp_path):
     other = bridge.sample([prompt], steps=6, guidance=5.0, height=size, width=size, seed=3, progress=False,
                           original_size=(24, 20), crop=(8, 4)).numpy()[0]
     assert not np.array_equal(other, ours)
+    run_sample("--bridge", "native", "--vision", str(root), "--prompt", prompt, "--steps", "6", "--guidance",
+               "5", "--height", str(size), "--width", str(size), "--seed", "3", "--original-size", "24,20",
+               "--crop", "2,0", "--out", str(tmp_path / "native.png"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "native.png")), ours)
     # force_upcast: an fp16 VAE decodes SDXL's latents in fp32 (the fp32 result), then is fp16 again
     lat = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 4
     want = bridge.decode(lat)
@@ -4868,6 +4872,7 @@ SAMPLE_CASES = {
     "release incomplete": (["--bridge", "{tmp}/release", "--lm", "minilm", "--vision", "shapes"],
                            "missing lora_vis.pt, lora_text.pt"),
     "release without models": (["--bridge", "{tmp}/release_full"], "pass --lm and --vision"),
+    "native without vision": (["--bridge", "native"], "pass --vision, and no --lm"),
     "eval, not shapes": (["--bridge", "{tmp}/release_full", "--lm", "t5-large", "--vision", "sd14", "--eval"],
                          "--eval measures the shapes world"),
     "eval sets": (["--eval", "--eval-sets", "seen,bogus"], "--eval-sets: unknown bogus"),
@@ -4938,6 +4943,9 @@ TRAIN_CASES = {
     "resume another run": (["--out", "{run}", "--resume", "true", "--max-length", "12"],
                            "--max-length 0 in the checkpoint, 12 now"),
     "lock held": (["--out", "{locked}"], "holds {locked}/.lock"),
+    "buckets on shapes": (["--buckets", "true"], "--buckets sorts real images by aspect ratio"),
+    "bucket step": (["--data", "{tmp}/none.tsv", "--buckets", "true", "--bucket-step", "24"],
+                    "must be a multiple of --bucket-step 24"),
 }
 
 
