@@ -711,14 +711,12 @@ class Bridge(nn.Module):
     def decode(self, x):
         """Scaled latents -> images in [-1, 1]. SDXL's VAE overflows in fp16: as its pipeline does
         (force_upcast), an fp16 VAE decodes SDXL's latents in fp32 and goes back to fp16 after."""
-        upcast = self.sdxl and next(self.vae.parameters()).dtype == torch.float16
-        if upcast:
-            self.vae.float()
+        if not (self.sdxl and next(self.vae.parameters()).dtype == torch.float16):
+            return self.vae.decode(x / self.vae.cfg.scaling_factor)
         try:
-            return self.vae.decode(x.to(next(self.vae.parameters()).dtype) / self.vae.cfg.scaling_factor)
+            return self.vae.float().decode(x.float() / self.vae.cfg.scaling_factor)
         finally:
-            if upcast:
-                self.vae.half()
+            self.vae.half()
 
     def denoise(self, x, t, ctx, mask=None, added=None):
         """x (B, C, h, w), t (B,) -> the model output the scheduler expects (learned sigma dropped).
