@@ -6,8 +6,14 @@ Adapters that carry a language model's hidden states into a diffusion model's te
   discriminator behind gradient reversal, and the three training losses (salesforce/GlueGen
   multilingual-gluenet/model.py, train_gluenet_multi.py).
 - PooledHead: the pooled text vector SDXL takes beside the context, from a bridge's context.
+- Resampler: OmniDiffusion's query-token adapter (llm-conditioned-diffusion/OmniDiffusion
+  text_encoder/mlm_encoder.py MLMAdapter): an MLP on every LM token, an encoder-decoder transformer whose
+  learned queries read the whole LM sequence, a pooled head on the mean of the middle queries.
+- TSC: ELLA's timestep-aware semantic connector (TencentQQGYLab/ELLA model.py): a perceiver resampler whose
+  adaptive norms and latents read the diffusion timestep.
 """
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -122,6 +128,242 @@ class PooledHead(nn.Module):
         a = s.softmax(dim=1)
         pooled = torch.einsum("bth,bthd->bhd", a, x.view(B, T, self.heads, D // self.heads))
         return self.proj(pooled.reshape(B, D))
+
+
+# -----------------------------------------------------------------------------
+# query-token adapters: OmniDiffusion's resampler, ELLA's timestep-aware connector
+
+
+class MultiheadAttention(nn.Module):
+    """Batch-first multi-head attention in nn.MultiheadAttention's layout (in_proj_weight / in_proj_bias
+    stacking q, k, v; out_proj), so that its checkpoints load as they are. pad (B, S) True = a key to
+    ignore."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        if dim % heads:
+            raise BadInput(f"attention width {dim} is not a multiple of its {heads} heads")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, q, kv, pad=None):
+        """q (B, L, D), kv (B, S, D) -> (B, L, D)."""
+        B, L, D = q.shape
+        wq, wk, wv = self.in_proj_weight.chunk(3)
+        bq, bk, bv = self.in_proj_bias.chunk(3)
+        q, k, v = (F.linear(x, w, b).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, L|S, D/H)
+                   for x, w, b in ((q, wq, bq), (kv, wk, bk), (kv, wv, bv)))
+        keep = None if pad is None else ~pad[:, None, None, :]  # (B, 1, 1, S) True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class EncoderLayer(nn.Module):
+    """nn.TransformerEncoderLayer(norm_first=True, ReLU, dropout 0) in its names: pre-norm self-attention,
+    then the pre-norm feed-forward."""
+
+    def __init__(self, dim, heads, ff):
+        super().__init__()
+        self.self_attn = MultiheadAttention(dim, heads)
+        self.linear1, self.linear2 = nn.Linear(dim, ff), nn.Linear(ff, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, pad=None):
+        h = self.norm1(x)
+        x = x + self.self_attn(h, h, pad)
+        return x + self.linear2(F.relu(self.linear1(self.norm2(x))))
+
+
+class DecoderLayer(nn.Module):
+    """nn.TransformerDecoderLayer(norm_first=True, ReLU, dropout 0) in its names: self-attention among the
+    queries (no causal mask), cross-attention to the encoder's memory, the feed-forward; each pre-norm."""
+
+    def __init__(self, dim, heads, ff):
+        super().__init__()
+        self.self_attn, self.multihead_attn = MultiheadAttention(dim, heads), MultiheadAttention(dim, heads)
+        self.linear1, self.linear2 = nn.Linear(dim, ff), nn.Linear(ff, dim)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, memory, memory_pad=None):
+        h = self.norm1(x)
+        x = x + self.self_attn(h, h)
+        x = x + self.multihead_attn(self.norm2(x), memory, memory_pad)
+        return x + self.linear2(F.relu(self.linear1(self.norm3(x))))
+
+
+class Stack(nn.Module):
+    """Layers then a final LayerNorm: nn.TransformerEncoder / Decoder as nn.Transformer builds them."""
+
+    def __init__(self, layers, dim):
+        super().__init__()
+        self.layers, self.norm = nn.ModuleList(layers), nn.LayerNorm(dim)
+
+
+class QueryTransformer(nn.Module):
+    """nn.Transformer(batch_first=True, norm_first=True, dropout=0) as OmniDiffusion uses it, in its names
+    (encoder.layers.N, encoder.norm, decoder.layers.N, decoder.norm): src -> memory; tgt (the queries) ->
+    output."""
+
+    def __init__(self, dim, heads, ff, enc_layers, dec_layers):
+        super().__init__()
+        self.encoder = Stack([EncoderLayer(dim, heads, ff) for _ in range(enc_layers)], dim)
+        self.decoder = Stack([DecoderLayer(dim, heads, ff) for _ in range(dec_layers)], dim)
+
+    def forward(self, src, tgt, src_pad=None):
+        for layer in self.encoder.layers:
+            src = layer(src, src_pad)
+        memory = self.encoder.norm(src)
+        for layer in self.decoder.layers:
+            tgt = layer(tgt, memory, src_pad)
+        return self.decoder.norm(tgt)
+
+
+@dataclass
+class ResamplerConfig:
+    """OmniDiffusion's published sizes (Baichuan2-7B -> SDXL) are the defaults."""
+    in_dim: int = 4096        # the LM's width
+    width: int = 2048         # the transformer's width = the context's (SDXL's 2048)
+    queries: int = 227        # learned query tokens = context tokens (OmniDiffusion: 3 x 75 + 2)
+    heads: int = 8            # nn.Transformer's default
+    ff: int = 8192            # 4 x width
+    enc_layers: int = 4
+    dec_layers: int = 4
+    pooled: int = 1280        # the pooled head's width (SDXL's text_embeds); 0: none
+    out_dim: int = 0          # 0: the context is `width` wide; else a Linear to out_dim after (not in
+    # OmniDiffusion: for vision models whose context is wider than the transformer)
+
+
+class Resampler(nn.Module):
+    """OmniDiffusion's adapter: fc (Linear in -> width, GELU, Linear) on every LM token; the encoder reads
+    them (padding masked: an improvement on OmniDiffusion, which has batch 1 and no padding), the decoder's
+    learned queries (t2i_decoder_prompt) attend to the encoder's output; the queries' outputs are the
+    context, whatever the LM's token count. Pooled head fc1 (Linear width -> pooled, GELU, Linear) on the
+    mean of the outputs without the first and the last query, as OmniDiffusion pools at inference."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.fc = nn.Sequential(nn.Linear(cfg.in_dim, cfg.width), nn.GELU(), nn.Linear(cfg.width, cfg.width))
+        self.t2i_decoder_prompt = nn.Parameter(torch.randn(1, cfg.queries, cfg.width))
+        self.llm_to_t2i_mapping = QueryTransformer(cfg.width, cfg.heads, cfg.ff, cfg.enc_layers,
+                                                   cfg.dec_layers)
+        if cfg.pooled:
+            self.fc1 = nn.Sequential(nn.Linear(cfg.width, cfg.pooled), nn.GELU(),
+                                     nn.Linear(cfg.pooled, cfg.pooled))
+        if cfg.out_dim:
+            self.proj_out = nn.Linear(cfg.width, cfg.out_dim)
+
+    def forward(self, x, mask=None):
+        """x (B, T, in_dim) LM features, mask (B, T) 1 = a real token (None: all) -> context (B, queries,
+        out_dim or width) and the pooled vector (B, pooled) or None."""
+        pad = None if mask is None else ~mask.bool()
+        if pad is not None:
+            pad = pad & pad.sum(1, keepdim=True).lt(pad.shape[1])  # an all-pad prompt: attend to all
+        q = self.t2i_decoder_prompt.expand(x.shape[0], -1, -1).to(x.dtype)
+        out = self.llm_to_t2i_mapping(self.fc(x), q, pad)  # (B, Q, width)
+        pooled = self.fc1(out[:, 1:-1].mean(1)) if self.cfg.pooled else None
+        return (self.proj_out(out) if self.cfg.out_dim else out), pooled
+
+
+def timestep_sinusoid(t, dim):
+    """diffusers' Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0): [cos, sin] of t times
+    exp(-ln(1e4) i / (dim / 2)), (B,) -> (B, dim) float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class AdaLayerNorm(nn.Module):
+    """ELLA's AdaLayerNorm: LayerNorm without affine (eps 1e-6), then (1 + scale) and + shift from
+    Linear(SiLU(timestep embedding)), zero-initialised (it starts as a plain LayerNorm)."""
+
+    def __init__(self, dim, t_dim):
+        super().__init__()
+        self.linear = nn.Linear(t_dim, 2 * dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def forward(self, x, temb):
+        shift, scale = self.linear(F.silu(temb)).view(len(x), 1, -1).chunk(2, dim=-1)
+        return self.norm(x) * (1 + scale) + shift
+
+
+class PerceiverBlock(nn.Module):
+    """ELLA's PerceiverAttentionBlock: the latents attend to [themselves, the text] (both adaptively
+    normed), then a squared-ReLU MLP (c_fc 4x, c_proj), each residual."""
+
+    def __init__(self, dim, heads, t_dim):
+        super().__init__()
+        self.attn = MultiheadAttention(dim, heads)
+        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(dim, 4 * dim), "c_proj": nn.Linear(4 * dim, dim)})
+        self.ln_1, self.ln_2, self.ln_ff = (AdaLayerNorm(dim, t_dim) for _ in range(3))
+
+    def forward(self, x, latents, temb, pad=None):
+        q = self.ln_1(latents, temb)
+        kv = torch.cat([q, self.ln_2(x, temb)], dim=1)  # (B, L + T, D)
+        kv_pad = None if pad is None else torch.cat([pad.new_zeros(pad.shape[0], q.shape[1]), pad], 1)
+        latents = latents + self.attn(q, kv, kv_pad)
+        h = self.ln_ff(latents, temb)
+        return latents + self.mlp["c_proj"](torch.relu(self.mlp["c_fc"](h)) ** 2)
+
+
+@dataclass
+class TSCConfig:
+    """ELLA's released SD 1.5 connector (flan-t5-xl -> SD 1.5) is the default."""
+    in_dim: int = 2048        # the LM's width (flan-t5-xl)
+    width: int = 768          # = SD 1.5's context
+    layers: int = 6
+    heads: int = 8
+    latents: int = 64         # output tokens, whatever the LM's count
+    time_channel: int = 320   # the timestep sinusoid
+    time_dim: int = 768       # the timestep embedding
+    out_dim: int = 0          # 0: the context is `width` wide; else ELLA's optional proj_out (Linear, LN)
+    masked: bool = True       # mask the LM's padding in attention (ELLA's fixed mode attends to it)
+
+
+class TSC(nn.Module):
+    """ELLA's timestep-aware semantic connector, in ELLA's names: time_embedding (the diffusers
+    TimestepEmbedding of the timestep's sinusoid), connector (latents + time_aware_linear(SiLU(t_emb)),
+    proj_in of the LM features, perceiver_blocks, optional proj_out). forward(x, t, mask): the context at
+    diffusion timestep t."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.time_embedding = nn.ModuleDict({"linear_1": nn.Linear(cfg.time_channel, cfg.time_dim),
+                                             "linear_2": nn.Linear(cfg.time_dim, cfg.time_dim)})
+        c = nn.Module()
+        c.latents = nn.Parameter(cfg.width ** -0.5 * torch.randn(cfg.latents, cfg.width))
+        c.time_aware_linear = nn.Linear(cfg.time_dim, cfg.width)
+        c.proj_in = nn.Linear(cfg.in_dim, cfg.width)
+        c.perceiver_blocks = nn.ModuleList(PerceiverBlock(cfg.width, cfg.heads, cfg.time_dim)
+                                           for _ in range(cfg.layers))
+        if cfg.out_dim:
+            c.proj_out = nn.Sequential(nn.Linear(cfg.width, cfg.out_dim), nn.LayerNorm(cfg.out_dim))
+        self.connector = c
+
+    def forward(self, x, t, mask=None):
+        """x (B, T, in_dim) LM features, t (B,) timesteps (or one for all), mask (B, T) 1 = real token ->
+        context (B, latents, out_dim or width)."""
+        B, c = x.shape[0], self.connector
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
+        te = self.time_embedding
+        temb = te["linear_2"](F.silu(te["linear_1"](timestep_sinusoid(t, self.cfg.time_channel).to(x.dtype))))
+        temb = temb[:, None]  # (B, 1, time_dim)
+        latents = c.latents[None].to(x.dtype) + c.time_aware_linear(F.silu(temb))  # (B, L, width)
+        pad = None if mask is None or not self.cfg.masked else ~mask.bool()
+        if pad is not None:
+            pad = pad & pad.sum(1, keepdim=True).lt(pad.shape[1])  # an all-pad prompt: attend to all
+        h = c.proj_in(x)
+        for block in c.perceiver_blocks:
+            latents = block(h, latents, temb, pad)
+        return c.proj_out(latents) if self.cfg.out_dim else latents
 
 
 # -----------------------------------------------------------------------------

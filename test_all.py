@@ -39,6 +39,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lora import lora_modules
 from model_io import BadInput, MissingInput
@@ -4283,6 +4284,108 @@ def test_sdxl_bridges_train(world, bucket_tsv, tmp_path, monkeypatch, capsys):
         [*common, "--method", "align", "--data", str(tmp_path / "caps.txt"), "--steps", "2", "--batch-size",
          "4", "--save-every", "2", "--loss-pooled", "0", "--out", str(tmp_path / "nopool")]))
     assert ckpt_weights(tmp_path / "nopool")[0]["pooled.score.weight"].abs().max() == 0
+
+
+class RefELLA(nn.Module):
+    """ELLA's connector written in the test from its published architecture (its model.py layout and names):
+    diffusers' Timesteps(320, flip_sin_to_cos, shift 0) + TimestepEmbedding, torch's MultiheadAttention,
+    AdaLayerNorms, squared-ReLU MLPs; fixed mode (every token attended)."""
+
+    def __init__(self, width=768, layers=6, heads=8, latents=64, in_dim=2048, t_dim=768):
+        super().__init__()
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+        self.position = Timesteps(320, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(320, t_dim)
+        c = nn.Module()
+        c.latents = nn.Parameter(torch.randn(latents, width) * width ** -0.5)
+        c.time_aware_linear = nn.Linear(t_dim, width)
+        c.proj_in = nn.Linear(in_dim, width)
+        blocks = []
+        for _ in range(layers):
+            b = nn.Module()
+            b.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+            b.mlp = nn.Sequential(collections.OrderedDict(c_fc=nn.Linear(width, 4 * width),
+                                                          c_proj=nn.Linear(4 * width, width)))
+            for n in ("ln_1", "ln_2", "ln_ff"):
+                ln = nn.Module()
+                ln.linear = nn.Linear(t_dim, 2 * width)
+                setattr(b, n, ln)
+            blocks.append(b)
+        c.perceiver_blocks = nn.Sequential(*blocks)
+        self.connector = c
+
+    def forward(self, x, t):
+        def ada(ln, h, temb):
+            shift, scale = ln.linear(F.silu(temb)).view(len(h), 1, -1).chunk(2, dim=-1)
+            return F.layer_norm(h, h.shape[-1:], eps=1e-6) * (1 + scale) + shift
+        temb = self.time_embedding(self.position(t.view(-1))[:, None])  # (B, 1, t_dim)
+        c = self.connector
+        lat = c.latents[None].repeat(len(x), 1, 1) + c.time_aware_linear(F.silu(temb))
+        x = c.proj_in(x)
+        for b in c.perceiver_blocks:
+            q = ada(b.ln_1, lat, temb)
+            kv = torch.cat([q, ada(b.ln_2, x, temb)], dim=1)
+            lat = lat + b.attn(q, kv, kv, need_weights=False)[0]
+            h = ada(b.ln_ff, lat, temb)
+            lat = lat + b.mlp.c_proj(torch.relu(b.mlp.c_fc(h)) ** 2)
+        return lat
+
+
+def test_query_adapters():
+    """OmniDiffusion's resampler and ELLA's TSC: the resampler's transformer equals torch's nn.Transformer
+    (batch-first, pre-norm, dropout 0) on the same state dict, with padding masks; the output does not
+    depend on how many pad tokens follow the prompt; the released sizes count as published (OmniDiffusion
+    ~487M; ELLA 93 tensors, 66,820,608 parameters, its names); TSC equals ELLA written from its
+    architecture, changes with t and is equal for equal t."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    ours = adapter.QueryTransformer(32, 4, 64, 2, 2)
+    _randomise(ours, g, 0.2)
+    ref = nn.Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
+                         dropout=0.0, batch_first=True, norm_first=True).train()  # train: no fast path
+    ref.load_state_dict(ours.state_dict())
+    src, tgt = torch.randn(2, 7, 32, generator=g), torch.randn(2, 5, 32, generator=g)
+    pad = torch.tensor([[False] * 7, [False] * 4 + [True] * 3])
+    with torch.no_grad():
+        want = ref(src, tgt, src_key_padding_mask=pad, memory_key_padding_mask=pad)
+        _close(ours(src, tgt, pad), want, 1e-5)
+    # the resampler: its output does not depend on the padding after the prompt
+    cfg = adapter.ResamplerConfig(in_dim=24, width=32, queries=6, heads=4, ff=64, enc_layers=2, dec_layers=2,
+                                  pooled=16)
+    res = adapter.Resampler(cfg)
+    _randomise(res, g, 0.2)
+    x = torch.randn(1, 9, 24, generator=g)
+    with torch.no_grad():
+        a, pa = res(x[:, :5], torch.ones(1, 5))
+        b, pb = res(x, torch.tensor([[1] * 5 + [0] * 4]))
+    assert a.shape == (1, 6, 32) and pa.shape == (1, 16)
+    assert (a - b).abs().max() < 1e-5 and (pa - pb).abs().max() < 1e-5
+    assert (res(x)[0] - a).abs().max() > 1e-3  # unmasked, the tokens after the prompt count
+    with torch.device("meta"):
+        omni = adapter.Resampler(adapter.ResamplerConfig())
+        ella = adapter.TSC(adapter.TSCConfig())
+    n = {k: sum(p.numel() for p in m.parameters()) for k, m in (("omni", omni), ("ella", ella))}
+    print(f"\nOmniDiffusion's adapter {n['omni'] / 1e6:.2f}M parameters, ELLA's connector {n['ella']:,}")
+    assert abs(n["omni"] - 487.3e6) < 0.1e6 and n["ella"] == 66_820_608 and len(ella.state_dict()) == 93
+    # TSC against ELLA's architecture, in ELLA's names
+    tsc = adapter.TSC(adapter.TSCConfig(in_dim=24, width=32, layers=2, heads=4, latents=8, time_dim=48,
+                                        masked=False))
+    _randomise(tsc, g, 0.2)  # the adaptive norms off zero
+    ella_ref = RefELLA(width=32, layers=2, heads=4, latents=8, in_dim=24, t_dim=48)
+    ella_ref.load_state_dict(tsc.state_dict())
+    t = torch.tensor([981, 21])
+    xs = torch.randn(2, 9, 24, generator=g)
+    with torch.no_grad():
+        out = tsc(xs, t)
+        _close(out, ella_ref(xs, t), 1e-5)
+        assert out.shape == (2, 8, 32)
+        _close(tsc(xs, torch.tensor([981, 981]))[:1], tsc(xs[:1], torch.tensor([981])), 1e-5)  # equal t
+        assert (tsc(xs, torch.tensor([500, 500])) - out).abs().max() > 1e-3
+        masked = adapter.TSC(replace(tsc.cfg, masked=True))
+        masked.load_state_dict(tsc.state_dict())
+        short = masked(xs[:1, :5], t[:1], torch.ones(1, 5))
+        long = masked(xs[:1], t[:1], torch.tensor([[1] * 5 + [0] * 4]))
+        _close(long, short, 1e-5)
 
 
 def test_pooled_head():
