@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import shapes
-from adapter import GlueNet, GlueNetConfig, PooledHead, TextAdapter, gluegen_mix
+from adapter import (TSC, GlueNet, GlueNetConfig, PooledHead, Resampler, ResamplerConfig, TextAdapter,
+                     TSCConfig, gluegen_mix)
 from audio import AUDIO_PRESETS, W2V_FAMILIES, AudioEncoder, audio_source
 from dit import DiT
 from ldmbert import LDMBert
@@ -335,7 +336,12 @@ class SDXLTextEncoder(nn.Module):
 
     @property
     def width(self):
-        return sum(m.config.hidden_size for m in self.models)
+        return sum(self.stream_widths)
+
+    @property
+    def stream_widths(self):
+        """The context's channels per encoder: (768, 1280), CLIP-L's then bigG's."""
+        return tuple(m.config.hidden_size for m in self.models)
 
     @property
     def token_count(self):
@@ -553,7 +559,8 @@ def load_native_encoder(vision, dtype=torch.float32, device="cpu", pretrained=Tr
 class BridgeConfig:
     lm: str = "t5-large"        # LM_PRESETS name, hub id, local transformers folder, or "native"
     vision: str = "sd14"        # VISION_PRESETS name, pipeline folder, single file, shapes / shapes:PATH
-    adapter: str = "text"       # text (LaVi-Bridge TextAdapter) | gluenet (GlueGen) | none (equal widths)
+    adapter: str = "text"       # text (LaVi-Bridge TextAdapter) | gluenet (GlueGen) | resampler
+    # (OmniDiffusion) | tsc (ELLA) | none (equal widths)
     adapter_mid: int = 0        # 0: (in + out) // 2 as in every release
     adapter_dropout: float = 0.1
     lora_rank: int = 32         # 0: no LoRA at all
@@ -567,6 +574,9 @@ class BridgeConfig:
     audio_pool: int = 1         # a speech encoder's hidden states averaged over this many tokens
     audio_stretch: bool = False  # ... and first each clip's own tokens resampled over the window
     pooled: str = "attn"        # SDXL's pooled text vector from the context: attn | mean (adapter.PooledHead)
+    queries: int = 0            # resampler / tsc: output tokens (0: query_adapter_config's)
+    adapter_layers: int = 0     # resampler: encoder = decoder layers; tsc: perceiver blocks (0: preset)
+    adapter_width: int = 0      # resampler / tsc: the transformer's width (0: preset)
 
 
 @dataclass(frozen=True)
@@ -645,10 +655,14 @@ class Bridge(nn.Module):
         for m in (self.denoiser, self.text.model):
             unwrap_lora(m) if unwrap else merge_lora(m)
 
-    def encode_ids(self, ids, mask, pooled=False):
-        """ids, mask (B, T) -> context (B, T, D_vision) and the mask the vision model sees (or None);
-        pooled=True (SDXL) also the pooled text vector (B, P): the pooled head's, or with SDXL's own text
-        path and no adapter, bigG's."""
+    @property
+    def timestep_aware(self):
+        """The adapter reads the diffusion timestep (ELLA's TSC): it runs at every denoising step."""
+        return isinstance(self.adapter, TSC)
+
+    def lm_features(self, ids, mask):
+        """The text encoder's part: ids, mask (B, T) -> (hidden (B, T, D_lm), the mask the vision model
+        sees or None, SDXL's own pooled vector or None, the token mask (B, T))."""
         lm_trains = any(p.requires_grad for p in self.text.parameters())
         native_pooled = None
         with nullcontext() if lm_trains else torch.no_grad():
@@ -657,11 +671,28 @@ class Bridge(nn.Module):
                 vmask = None
             else:
                 hidden, vmask = self.text(ids, mask)   # (B, T, D_lm)
-        ctx = hidden if self.adapter is None else self.adapter(hidden)  # (B, T, D_vision)
+        return hidden, vmask, native_pooled, mask
+
+    def condition(self, feats, t=None, pooled=False):
+        """The adapter's part: lm_features -> context (B, T', D_vision) and the vision mask or None;
+        pooled=True (SDXL) also the pooled vector (B, P): the resampler's own head, the pooled head's, or
+        with SDXL's own text path and no adapter, bigG's. t (B,): the timestep a TSC reads."""
+        hidden, vmask, native_pooled, mask = feats
+        own_pooled = None
+        if isinstance(self.adapter, Resampler):  # queries: every output token is real
+            (ctx, own_pooled), vmask = self.adapter(hidden, mask), None
+        elif isinstance(self.adapter, TSC):
+            if t is None:
+                raise BadInput("this bridge's adapter (TSC) reads the diffusion timestep: give t")
+            ctx, vmask = self.adapter(hidden, t, mask), None
+        else:
+            ctx = hidden if self.adapter is None else self.adapter(hidden)  # (B, T, D_vision)
         if isinstance(self.adapter, GlueNet):  # its token MLP mixes positions: no token mask survives it
             vmask = None
         if not pooled:
             return ctx, vmask
+        if own_pooled is not None:
+            return ctx, vmask, own_pooled
         if self.pooled is not None:
             return ctx, vmask, self.pooled(ctx, vmask)
         if native_pooled is None or self.adapter is not None:
@@ -669,11 +700,20 @@ class Bridge(nn.Module):
                            "head (build it with build_bridge on an SDXL vision model)")
         return ctx, vmask, native_pooled
 
-    def encode_text(self, prompts):
-        """Prompts (a speech bridge: clips) -> context (B, T, D_vision), vision mask or None."""
+    def encode_ids(self, ids, mask, pooled=False, t=None):
+        """ids, mask (B, T) -> context (B, T', D_vision) and the mask the vision model sees (or None);
+        pooled=True (SDXL) also the pooled text vector (B, P) (condition)."""
+        return self.condition(self.lm_features(ids, mask), t, pooled)
+
+    def features(self, prompts):
+        """Prompts (a speech bridge: clips) -> lm_features, on the vision model's device."""
         ids, mask = self.text.tokenize(list(prompts))
         dev = next(self.denoiser.parameters()).device
-        return self.encode_ids(ids.to(dev), mask.to(dev))
+        return self.lm_features(ids.to(dev), mask.to(dev))
+
+    def encode_text(self, prompts, t=None):
+        """Prompts (a speech bridge: clips) -> context (B, T', D_vision), vision mask or None."""
+        return self.condition(self.features(prompts), t)
 
     def encode_native(self, prompts):
         """Prompts through the vision model's own text encoder (a speech bridge's negative prompt and the
@@ -702,11 +742,9 @@ class Bridge(nn.Module):
         c = self.denoiser.cfg
         return c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
 
-    def encode_sdxl(self, prompts):
+    def encode_sdxl(self, prompts, t=None):
         """SDXL's conditions of prompts: context (B, T, 2048), vision mask or None, pooled (B, 1280)."""
-        ids, mask = self.text.tokenize(list(prompts))
-        dev = next(self.denoiser.parameters()).device
-        return self.encode_ids(ids.to(dev), mask.to(dev), pooled=True)
+        return self.condition(self.features(prompts), t, pooled=True)
 
     def decode(self, x):
         """Scaled latents -> images in [-1, 1]. SDXL's VAE overflows in fp16: as its pipeline does
@@ -741,10 +779,10 @@ class Bridge(nn.Module):
         if self.sdxl:
             if time_ids is None:
                 raise BadInput("SDXL trains with each image's size and crop: pass time_ids (B, 6)")
-            ctx, vmask, pooled = self.encode_ids(ids, mask, pooled=True)
+            ctx, vmask, pooled = self.encode_ids(ids, mask, pooled=True, t=t)
             added = (pooled, time_ids.to(pooled.dtype))
         else:
-            ctx, vmask = self.encode_ids(ids, mask)
+            ctx, vmask = self.encode_ids(ids, mask, t=t)
         pred = self.denoise(self.train_sched.add_noise(latents, noise, t), t, ctx, vmask, added)
         target = self.train_sched.target(latents, noise, t)
         return F.mse_loss(upcast(pred), upcast(target))
@@ -779,29 +817,36 @@ class Bridge(nn.Module):
         if height % self.size_factor or width % self.size_factor or min(height, width) <= 0:
             raise BadInput(f"image size {height}x{width}: height and width must be positive multiples of "
                            f"{self.size_factor} for this model")
-        added = None
-        if self.sdxl:  # pooled text and the size ids, for both halves of the CFG batch
-            ctx, mask, pooled = self.encode_sdxl(prompts)
-            if negative_prompt == "" and self.pooled is None:
-                # SDXL's own text path: an empty negative prompt is zeros, as its pipeline has it
-                # (force_zeros_for_empty_prompt); a bridge encodes it, as it was trained (caption dropout)
-                nctx, nmask, npooled = torch.zeros_like(ctx), None, torch.zeros_like(pooled)
-            else:
-                nctx, nmask, npooled = self.encode_sdxl([negative_prompt] * B)
+        # SDXL's own text path: an empty negative prompt is zeros, as its pipeline has it
+        # (force_zeros_for_empty_prompt); a bridge encodes it, as it was trained (caption dropout)
+        zero_negative = self.sdxl and negative_prompt == "" and isinstance(self.text, SDXLTextEncoder) \
+            and self.adapter is None
+        feats = self.features(prompts)  # the LM runs once; the adapter too, unless it reads t
+        nfeats = None if speech or zero_negative else self.features([negative_prompt] * B)
+        if self.sdxl:
             ids = [*(original_size or (height, width)), *crop, *(target_size or (height, width))]
             time_ids = torch.tensor([ids], device=dev, dtype=dtype).expand(2 * B, 6)
-            added = (torch.cat([npooled, pooled]).to(dtype), time_ids)
-        else:
-            ctx, mask = self.encode_text(prompts)
-        if mix is not None:
-            ctx = gluegen_mix(ctx, self.encode_native(mix)[0].to(ctx.dtype), mix_split)
-        if not self.sdxl:
-            nctx, nmask = (self.encode_native if speech else self.encode_text)([negative_prompt] * B)
-        if not (torch.isfinite(ctx).all() and torch.isfinite(nctx).all()):
-            raise BadInput("the text features are not finite (NaN or inf): the language model or the adapter "
-                           "gives them")
-        ctx2 = torch.cat([nctx, ctx]).to(dtype)  # (2B, T, D): [uncond, cond] as the official code
-        mask2 = None if mask is None else torch.cat([nmask, mask])
+
+        def conditions(t=None):
+            """(context (2B, T, D) [uncond, cond] as the official code, its mask or None, SDXL's added
+            conditions or None) at timestep t (a TSC's; None for every other adapter)."""
+            tb = None if t is None else torch.full((B,), t, device=dev)
+            ctx, mask, *pooled = self.condition(feats, tb, pooled=self.sdxl)
+            if mix is not None:
+                ctx = gluegen_mix(ctx, self.encode_native(mix)[0].to(ctx.dtype), mix_split)
+            if speech:
+                (nctx, nmask), npooled = self.encode_native([negative_prompt] * B), []
+            elif zero_negative:
+                nctx, nmask, npooled = torch.zeros_like(ctx), None, [torch.zeros_like(pooled[0])]
+            else:
+                nctx, nmask, *npooled = self.condition(nfeats, tb, pooled=self.sdxl)
+            if not (torch.isfinite(ctx).all() and torch.isfinite(nctx).all()):
+                raise BadInput("the text features are not finite (NaN or inf): the language model or the "
+                               "adapter gives them")
+            added = (torch.cat([*npooled, *pooled]).to(dtype), time_ids) if self.sdxl else None
+            return (torch.cat([nctx, ctx]).to(dtype), None if mask is None else torch.cat([nmask, mask]),
+                    added)
+        fixed = None if self.timestep_aware else conditions()
         # the initial noise exactly as diffusers draws it: float32 on a seeded CPU generator, then moved
         g = torch.Generator("cpu").manual_seed(seed)
         x = torch.randn((B, self.latent_channels, height // f, width // f), generator=g, dtype=torch.float32)
@@ -812,6 +857,7 @@ class Bridge(nn.Module):
         for i, (t, t_prev) in enumerate(zip(bar, prev)):
             tt = torch.full((2 * B,), t, device=dev)  # long, or float for Euler's (fractional) timesteps
             inp = sched.scale_input(torch.cat([x, x]), t)
+            ctx2, mask2, added = fixed or conditions(t)
             out = self.denoise(inp, tt, ctx2, mask2, added)  # (2B, C, h, w)
             uncond, cond = out.chunk(2)
             out = uncond + guidance * (cond - uncond)
@@ -877,14 +923,18 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dty
             raise BadInput("a speech GlueNet maps the encoder's tokens to the target's: set max_length")
         n, n_in = (cfg.max_length, text.token_count) if speech else (text.token_count, 0)
         bridge.adapter = GlueNet(GlueNetConfig(n, d_in, d_out, cfg.glue_mult, cfg.glue_depth, in_tokens=n_in))
+    elif cfg.adapter in ("resampler", "tsc"):
+        bridge.adapter = query_adapter(cfg, d_in, d_out, bridge.pooled_width if bridge.sdxl else 0,
+                                       is_shapes(cfg.vision), kind)
     elif cfg.adapter != "none":
-        raise BadInput(f"unknown adapter {cfg.adapter!r} (text, gluenet, none)")
+        raise BadInput(f"unknown adapter {cfg.adapter!r} (text, gluenet, resampler, tsc, none)")
     elif d_in != d_out:
         raise BadInput(f"--adapter none needs equal widths, but the LM gives {d_in} "
                        f"and the vision model takes {d_out}")
     if bridge.adapter is not None:
         bridge.adapter.to(device, dtype)
-    if bridge.sdxl and not isinstance(text, SDXLTextEncoder):  # a new text source: SDXL's pooled vector too
+    if bridge.sdxl and not isinstance(text, SDXLTextEncoder) and not isinstance(bridge.adapter, Resampler):
+        # a new text source: SDXL's pooled vector too (the resampler has its own head, as OmniDiffusion's)
         bridge.pooled = PooledHead(d_out, bridge.pooled_width, cfg.pooled).to(device, dtype)
     if cfg.lora_rank and cfg.lora_vision:
         bridge.lora_vis_paths = inject(denoiser, LORA_TARGETS[kind], cfg.lora_rank, dropout=cfg.lora_dropout)
@@ -896,6 +946,35 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dty
         bridge.lora_text_paths = inject(text.model, LORA_TARGETS[text.lora_targets], cfg.lora_rank,
                                         dropout=cfg.lora_dropout)
     return bridge
+
+
+def query_adapter(cfg, d_in, d_out, pooled, shapes_world, kind):
+    """A Resampler or TSC from d_in LM features to d_out context channels, sized:
+    - resampler into SDXL: OmniDiffusion's published sizes (width 2048, 4 + 4 layers of 8 heads, feed-forward
+      8192, the pooled head to 1280), but 77 queries, SDXL's native token count, where OmniDiffusion has 227
+      (3 x 75 + 2: its stage-1 targets are three 77-token CLIP passes of long prompts, not here);
+    - tsc into a 768-wide context (SD 1.x): ELLA's released sizes (width 768, 6 blocks of 8 heads, 64
+      latents, timestep 320 -> 768);
+    - elsewhere scaled: the context's width (at most 2048; wider contexts get 1024 and a projection out),
+      2 layers (resampler: 2 + 2), the native token count as queries (77 U-Net, 120 DiT; the shapes world
+      16 tokens of width 64: 4 heads);
+    cfg.queries / adapter_layers / adapter_width override each."""
+    width = cfg.adapter_width or (d_out if d_out <= 2048 else 1024)
+    heads = 4 if shapes_world else 8
+    out_dim = d_out if width != d_out else 0
+    if cfg.adapter == "resampler":
+        published = pooled == 1280 and d_out == 2048
+        layers = cfg.adapter_layers or (4 if published else 2)
+        rc = ResamplerConfig(in_dim=d_in, width=width, queries=cfg.queries or (16 if shapes_world else 120 if
+                             kind == "dit" else 77), heads=heads, ff=4 * width, enc_layers=layers,
+                             dec_layers=layers, pooled=pooled, out_dim=out_dim)
+        return Resampler(rc)
+    ella = d_out == 768 and not pooled
+    tc = TSCConfig(in_dim=d_in, width=width, layers=cfg.adapter_layers or (6 if ella else 2), heads=heads,
+                   latents=cfg.queries or (64 if ella else 16 if shapes_world else
+                                           120 if kind == "dit" else 77),
+                   time_channel=320, time_dim=768 if ella else width, out_dim=out_dim)
+    return TSC(tc)
 
 
 def native_bridge(vision, dtype=torch.float32, device="cpu"):

@@ -4388,6 +4388,46 @@ def test_query_adapters():
         _close(long, short, 1e-5)
 
 
+@pytest.mark.parametrize("kind", ["resampler", "tsc"])
+def test_query_adapter_bridges(words_base, tmp_path, monkeypatch, kind):
+    """--adapter resampler | tsc end to end in the shapes world: stage 1 (align, the queries regressed onto
+    the native features: the loss falls), then lavi --init-from it (the adapter carried over), its
+    checkpoint sampled by sample.py; the context has the query count whatever the prompt's length; a TSC is
+    called at every denoising step with that step's timestep, for both halves of the CFG batch."""
+    torch.manual_seed(0)
+    res = train.main(small_args(words_base, tmp_path / "s1", method="align", adapter=kind, steps=12,
+                                log_every=4, save_every=12, batch_size=8, lr_adapter=3e-3, warmup=1,
+                                caption_dropout=0.0))
+    hist = [v for _, v in res.history]
+    assert hist[-1] < hist[0], hist
+    s1 = str(tmp_path / "s1" / "ckpt.safetensors")
+    res = train.main(small_args(words_base, tmp_path / "s2", adapter=kind, init_from=s1, steps=2,
+                                lr_adapter=0.0, warmup=0))
+    w1, w2 = (model.read_checkpoint(str(p))[0] for p in (s1, tmp_path / "s2" / "ckpt.safetensors"))
+    adapter_keys = [k for k in w1 if k.startswith("adapter.")]
+    assert adapter_keys and all(torch.equal(w1[k], w2[k]) for k in adapter_keys)  # lr 0: stage 1's
+    b = model.load_bridge(str(tmp_path / "s2" / "ckpt.safetensors"))
+    assert type(b.adapter).__name__ == {"resampler": "Resampler", "tsc": "TSC"}[kind]
+    t = torch.tensor([10, 10])
+    ctx, vmask = b.encode_text(["a red circle", "a small blue square at the top left"], t=t)
+    assert ctx.shape == (2, 16, 64) and vmask is None
+    seen = []
+    if kind == "tsc":
+        forward = adapter.TSC.forward
+
+        def spy(self, x, t, mask=None):
+            seen.append(torch.as_tensor(t).tolist())
+            return forward(self, x, t, mask)
+        monkeypatch.setattr(adapter.TSC, "forward", spy)
+    out = str(tmp_path / "x.png")
+    run_sample("--bridge", str(tmp_path / "s2" / "ckpt.safetensors"), "--steps", "3", "--prompt",
+               "a red circle", "--out", out)
+    assert np.asarray(Image.open(out)).shape == (32, 32, 3)
+    if kind == "tsc":
+        ts = schedulers.make("ddim", b.scheduler_config).timesteps(3).tolist()
+        assert seen == [[s] for s in ts for _ in range(2)], seen  # cond and uncond at each step
+
+
 def test_pooled_head():
     """adapter.PooledHead: attn starts as the mean (zero scores) and then weighs tokens; the mask drops
     tokens (an all-masked prompt uses them all); it equals the reference written apart; bad kinds refused."""

@@ -31,7 +31,8 @@ from tqdm import tqdm
 import cpu
 import data
 import shapes
-from adapter import GLUEGEN_CLIP_NORMS, GLUEGEN_LOSS_WEIGHTS, alignment_loss, gluegen_targets, gluenet_losses
+from adapter import (GLUEGEN_CLIP_NORMS, GLUEGEN_LOSS_WEIGHTS, TSC, Resampler, alignment_loss,
+                     gluegen_targets, gluenet_losses)
 from lora import lora_parameters
 from model import (DTYPES, BridgeConfig, build_bridge, device_and_dtype, export_release, fit_tokens,
                    init_trainable, is_audio, is_shapes, load_native_encoder, load_trainable, native_bridge,
@@ -46,7 +47,7 @@ DEFAULTS = dict(
     method="lavi", lm="t5-large", vision="sd14", adapter="text", adapter_mid=0, adapter_dropout=0.1,
     lora_rank=32, lora_lm=True, lora_vision=True, lora_dropout=0.1, max_length=0,
     data="shapes", size=512, flip=True, latent_cache="", num_workers=2, buckets=False, bucket_step=64,
-    pooled="attn", loss_pooled=1.0,
+    pooled="attn", loss_pooled=1.0, queries=0, adapter_layers=0, adapter_width=0,
     steps=1000, epochs=0, batch_size=1, grad_accum=1, lr_vision=1e-4, lr_lm=5e-6, lr_adapter=1e-4,
     optimizer="adamw", weight_decay=1e-2, warmup=0, lr_decay=1.0, lr_decay_every=1, grad_clip=1.0,
     caption_dropout=0.0, ema=0.0, shuffle="epoch", drop_last=False,
@@ -152,6 +153,7 @@ INT_RANGES = dict(steps=(1, None), batch_size=(1, None), grad_accum=(1, None), l
                   save_every=(1, None), sample_every=(0, None), eval_n=(1, None), num_workers=(0, None),
                   epochs=(0, None), lr_decay_every=(1, None), audio_pool=(1, None),
                   warmup=(0, None), lora_rank=(0, None), max_length=(0, None), adapter_mid=(0, None),
+                  queries=(0, 4096), adapter_layers=(0, 64), adapter_width=(0, 16384),
                   glue_depth=(1, None), glue_mult=(1, None), size=(8, 4096), bucket_step=(8, 4096))
 FLOAT_RANGES = dict(lr_vision=(0, None), lr_lm=(0, None), lr_adapter=(0, None), weight_decay=(0, None),
                     grad_clip=(0, None), loss_align=(0, None), loss_rec=(0, None), loss_adv=(0, None),
@@ -161,7 +163,7 @@ FLOAT_RANGES = dict(lr_vision=(0, None), lr_lm=(0, None), lr_adapter=(0, None), 
 # what a resumed run must share with its checkpoint (else --resume force)
 SAME_ON_RESUME = ("method", "lm", "vision", "adapter", "adapter_mid", "lora_rank", "lora_lm", "lora_vision",
                   "max_length", "glue_depth", "glue_mult", "native", "audio_window", "audio_pool",
-                  "audio_stretch", "pooled")
+                  "audio_stretch", "pooled", "queries", "adapter_layers", "adapter_width")
 
 
 def check_args(args):
@@ -282,8 +284,13 @@ def get_parser():
                                 "folder, or native (the vision model's own text encoder)")
     p.add_argument("--vision",
                    help="vision model: sd14, sd15, ldm, pixart-512, pixart-1024, shapes, or a local path")
-    p.add_argument("--adapter", choices=["text", "gluenet", "none"],
-                   help="TextAdapter, GlueNet (GlueGen), or none when the widths already match")
+    p.add_argument("--adapter", choices=["text", "gluenet", "resampler", "tsc", "none"],
+                   help="TextAdapter (LaVi-Bridge), GlueNet (GlueGen), resampler (OmniDiffusion's query "
+                        "tokens), tsc (ELLA's timestep-aware connector), or none when the widths match")
+    p.add_argument("--queries", type=int, help="resampler / tsc: output tokens (0: the preset's)")
+    p.add_argument("--adapter-layers", type=int,
+                   help="resampler: encoder and decoder layers each; tsc: blocks (0: the preset's)")
+    p.add_argument("--adapter-width", type=int, help="resampler / tsc: transformer width (0: the preset's)")
     p.add_argument("--adapter-mid", type=int, help="adapter middle width (0: (in + out) / 2)")
     p.add_argument("--adapter-dropout", type=float, help="dropout inside the adapter (release: 0.1)")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (0: no LoRA)")
@@ -665,12 +672,35 @@ def text_only_step(args, env, bridge, native, pairs, fresh):
         return native.encode_pooled(native.tokenize(captions)[0].to(dev))[1].to(wdtype),
     pooled_target = FeatureCache(encode_pooled) if head is not None else None
 
-    def pooled_loss(ctx, smask, targets):
-        """The pooled head on the adapter's context (detached: the head learns on it, it does not pull the
-        adapter) against the native pooled vector, by --align-loss, weighted by --loss-pooled."""
-        pred = head(ctx.detach(), None if glue else smask)  # (B, P): GlueNet keeps no token mask
+    def pooled_loss(pred, targets):
+        """A pooled prediction (B, P) against the native pooled vector, by --align-loss, weighted by
+        --loss-pooled."""
         loss = alignment_loss(pred[:, None], pooled_target(targets)[0][:, None], kind=args.align_loss)
         return args.loss_pooled * loss, loss
+
+    streams = getattr(native, "stream_widths", (native.width,))  # SDXL: CLIP-L's 768 | bigG's 1280
+    bounds = list(zip(np.cumsum((0,) + tuple(streams[:-1])), np.cumsum(streams)))
+
+    def adapt(h, smask, step, micro):
+        """The adapter on the LM's features -> (context (B, T', D), its token mask for the loss or None,
+        the pooled prediction or None). The pooled head learns on the detached context (it does not pull
+        the adapter); the resampler's own head trains with it, as OmniDiffusion's; a TSC sees a timestep
+        drawn per caption (it must match the native features at every t)."""
+        if isinstance(adapter, Resampler):
+            ctx, pooled = adapter(h, smask)
+            return ctx, None, pooled
+        if isinstance(adapter, TSC):
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * args.grad_accum + micro)
+            t = torch.randint(0, bridge.train_sched.num_train_timesteps, (h.shape[0],), generator=gen)
+            ctx, tmask = adapter(h, t.to(dev), smask), None
+        else:
+            ctx, tmask = adapter(h), smask
+        return ctx, tmask, head(ctx.detach(), tmask) if head is not None else None
+
+    def stream_loss(pred, y, mask):
+        """OmniDiffusion's stage-1 loss: --align-loss per target stream (each native encoder's channels:
+        SDXL's CLIP-L and bigG parts), summed."""
+        return sum(alignment_loss(pred[..., a:b], y[..., a:b], mask, kind=args.align_loss) for a, b in bounds)
 
     def step(step, micro):
         sources, targets = data.text_batch(pairs, step * args.grad_accum + micro, args.batch_size, args.seed,
@@ -685,15 +715,16 @@ def text_only_step(args, env, bridge, native, pairs, fresh):
                     terms=terms, real=real)))
                 parts = {k: v for k, v in parts.items() if v is not None}
                 loss = sum(getattr(args, f"loss_{k}") * v for k, v in parts.items())
-                if head is not None:
-                    weighted, parts["pooled"] = pooled_loss(adapter(h), smask, targets)
+                if head is not None:  # GlueNet keeps no token mask
+                    weighted, parts["pooled"] = pooled_loss(head(adapter(h).detach(), None), targets)
                     loss = loss + weighted
                 return loss, parts
-            ctx = adapter(h)  # (B, T_lm, D_native)
-            loss = alignment_loss(fit_tokens(ctx, n), y, ymask & fit_tokens(smask, n), kind=args.align_loss)
+            ctx, tmask, pooled = adapt(h, smask, step, micro)  # (B, T', D_native)
+            mask = ymask if tmask is None else ymask & fit_tokens(tmask, n)
+            loss = stream_loss(fit_tokens(ctx, n), y, mask)
             parts = {args.align_loss: loss}
-            if head is not None:
-                weighted, parts["pooled"] = pooled_loss(ctx, smask, targets)
+            if pooled is not None:
+                weighted, parts["pooled"] = pooled_loss(pooled, targets)
                 loss = loss + weighted
             return loss, parts
     return step
