@@ -631,6 +631,7 @@ class Bridge(nn.Module):
         self.lora_vis_paths, self.lora_text_paths = [], []
         self.native = None  # a speech bridge: the vision model's own text encoder (negative, mixed prompts)
         self.pooled = None  # a bridge into SDXL: its pooled text vector from the context (PooledHead)
+        self.full_vision = False  # train.py --train-vision full: every vision weight trains (part "vision")
         self.train_sched = DDPM(scheduler_config)
         self.sampling = (SHAPES_SAMPLING if is_shapes(cfg.vision) else SDXL_SAMPLING if self.sdxl
                          else Sampling())
@@ -771,10 +772,11 @@ class Bridge(nn.Module):
             out = self.denoiser(x, t, ctx, mask)
         return out[:, :x.shape[1]]  # PixArt: 8 channels, the last 4 are the learned variance
 
-    def forward(self, latents, ids, mask, t, noise, time_ids=None):
+    def forward(self, latents, ids, mask, t, noise, time_ids=None, perturb=None):
         """The training loss, eps-MSE (v-MSE for v-prediction). latents, noise (B, C, h, w) (scaled
         latents), ids/mask (B, T), t (B,): drawn by the caller so that the step stays graph-only.
-        SDXL: time_ids (B, 6), each image's original size, crop top-left and target size in pixels."""
+        SDXL: time_ids (B, 6), each image's original size, crop top-left and target size in pixels.
+        perturb: input perturbation (the staged recipe's), added to the noise of the input only."""
         added = None
         if self.sdxl:
             if time_ids is None:
@@ -783,7 +785,8 @@ class Bridge(nn.Module):
             added = (pooled, time_ids.to(pooled.dtype))
         else:
             ctx, vmask = self.encode_ids(ids, mask, t=t)
-        pred = self.denoise(self.train_sched.add_noise(latents, noise, t), t, ctx, vmask, added)
+        noised = self.train_sched.add_noise(latents, noise if perturb is None else noise + perturb, t)
+        pred = self.denoise(noised, t, ctx, vmask, added)
         target = self.train_sched.target(latents, noise, t)
         return F.mse_loss(upcast(pred), upcast(target))
 
@@ -987,7 +990,8 @@ def native_bridge(vision, dtype=torch.float32, device="cpu"):
 # -----------------------------------------------------------------------------
 # checkpoints: what a bridge trains, in one self-describing safetensors file
 
-PARTS = ("adapter", "pooled", "lora_vis", "lora_text")  # of a bridge; a whole base model: "unet", "text"
+PARTS = ("adapter", "pooled", "vision", "lora_vis", "lora_text")  # of a bridge ("vision": --train-vision
+# full); a whole base model: "unet", "text"
 
 
 def trainable_tensors(bridge, whole=False):
@@ -999,6 +1003,7 @@ def trainable_tensors(bridge, whole=False):
     else:
         parts = {"adapter": bridge.adapter.state_dict() if bridge.adapter is not None else {},
                  "pooled": bridge.pooled.state_dict() if bridge.pooled is not None else {},
+                 "vision": bridge.denoiser.state_dict() if bridge.full_vision else {},
                  "lora_vis": lora_state_dict(bridge.denoiser),
                  "lora_text": lora_state_dict(bridge.text.model)}
     return {f"{head}.{k}": v.detach() for head, sd in parts.items() for k, v in sd.items()}
@@ -1031,6 +1036,8 @@ def load_trainable(bridge, sd):
         load_strict(bridge.adapter, parts.get("adapter", {}), "adapter")
     elif parts.get("adapter"):
         raise BadInput("the checkpoint has adapter weights but this bridge has no adapter")
+    if parts.get("vision"):  # every vision weight, fine-tuned (--train-vision full)
+        load_strict(bridge.denoiser, parts["vision"], "vision model")
     if bridge.pooled is not None:
         load_strict(bridge.pooled, parts.get("pooled", {}), "pooled head")
     elif parts.get("pooled"):
@@ -1059,6 +1066,9 @@ def init_trainable(bridge, sd):
     if "pooled" in parts and bridge.pooled is not None:
         load_strict(bridge.pooled, parts["pooled"], "pooled head")
         loaded.append("pooled")
+    if "vision" in parts and not bridge.lora_vis_paths:  # stage 3 from a full stage 2
+        load_strict(bridge.denoiser, parts["vision"], "vision model")
+        loaded.append("vision")
     for head, net, paths in (("lora_vis", bridge.denoiser, bridge.lora_vis_paths),
                              ("lora_text", bridge.text.model, bridge.lora_text_paths)):
         if head in parts and paths:

@@ -4428,6 +4428,65 @@ def test_query_adapter_bridges(words_base, tmp_path, monkeypatch, kind):
         assert seen == [[s] for s in ts for _ in range(2)], seen  # cond and uncond at each step
 
 
+def test_staged_recipe_full_vision_ema_perturbation_cosine(words_base, tmp_path, monkeypatch):
+    """The staged recipe's stages 2 and 3: --train-vision full trains every U-Net weight (no vision LoRA),
+    with --ema their EMA; the checkpoint holds both (sample.py takes the EMA), a resumed run equals a
+    straight one, and stage 3 starts from stage 2's U-Net. Input perturbation: the input is noised with
+    noise + p x fresh noise and the target stays the noise (numerically, and train.py passes p x a normal
+    draw). The cosine schedule after the warm-up, against its formula."""
+    torch.manual_seed(0)
+    # cosine with warm-up: linear to the base LR, then 0.5 (1 + cos(pi p)) to 0
+    lrs = [train.lr_at(s, 1.0, 2, schedule="cosine", steps=10) for s in range(10)]
+    want = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
+    assert all(abs(a - b) < 1e-12 for a, b in zip(lrs, want)) and lrs[6] == pytest.approx(0.5)
+    # input perturbation, numerically
+    b = model.build_bridge(model.BridgeConfig(lm="native", vision=f"shapes:{words_base}", lora_rank=0,
+                                              adapter_dropout=0.0)).eval()
+    g = torch.Generator().manual_seed(2)
+    s = 32 // b.vae.downscale
+    x0, n, m = (torch.randn(2, b.latent_channels, s, s, generator=g) for _ in range(3))
+    ids, mask = b.text.tokenize(["a red circle", "a blue square"])
+    t = torch.tensor([100, 700])
+    with torch.no_grad():
+        got = b(x0, ids, mask, t, n, perturb=0.1 * m)
+        ctx, vm = b.encode_ids(ids, mask)
+        pred = b.denoise(b.train_sched.add_noise(x0, n + 0.1 * m, t), t, ctx, vm)
+        assert torch.allclose(got, F.mse_loss(pred, b.train_sched.target(x0, n, t)), atol=1e-7)  # unperturbed
+        assert not torch.allclose(got, b(x0, ids, mask, t, n), atol=1e-6)
+    seen = []
+    forward = model.Bridge.forward
+
+    def spy(self, *a, perturb=None, **kw):
+        seen.append(perturb)
+        return forward(self, *a, perturb=perturb, **kw)
+    monkeypatch.setattr(model.Bridge, "forward", spy)
+    full = dict(train_vision="full", ema=0.9, lr_vision=1e-3, caption_dropout=0.0, input_perturbation=0.1,
+                lr_schedule="cosine", warmup=1)
+    train.main(small_args(words_base, tmp_path / "full", steps=4, save_every=2, **full))
+    assert len(seen) == 4 and all(p is not None and 0.05 < p.std() < 0.15 for p in seen)
+    monkeypatch.setattr(model.Bridge, "forward", forward)
+    w, step = ckpt_weights(tmp_path / "full")
+    base = shapes.load_base(words_base)[0].state_dict()
+    vis = {k[len("vision."):]: v for k, v in w.items() if k.startswith("vision.")}
+    assert step == 4 and vis.keys() == base.keys() and not any(k.startswith("lora_vis.") for k in w)
+    changed = sum(not torch.equal(vis[k], base[k].float()) for k in base)
+    assert changed > 0.9 * len(base), (changed, len(base))
+    ema = {k[len("ema.vision."):]: v for k, v in w.items() if k.startswith("ema.vision.")}
+    assert ema.keys() == vis.keys() and any(not torch.equal(ema[k], vis[k]) for k in vis)
+    for use_ema, ref in ((True, ema), (False, vis)):
+        sd = model.load_bridge(str(tmp_path / "full" / "ckpt.safetensors"), use_ema=use_ema).denoiser
+        assert all(torch.equal(v, ref[k]) for k, v in sd.state_dict().items())
+    # resumed (2 steps, then 2 more) equals straight; stage 3 starts from stage 2's U-Net
+    train.main(small_args(words_base, tmp_path / "resumed", steps=2, save_every=2, **full))
+    train.main(small_args(words_base, tmp_path / "resumed", steps=4, save_every=2, resume=True, **full))
+    w2, _ = ckpt_weights(tmp_path / "resumed")
+    assert w2.keys() == w.keys() and max((w2[k] - w[k]).abs().max().item() for k in w) < 1e-6
+    train.main(small_args(words_base, tmp_path / "stage3", steps=1, train_vision="full", lr_vision=0.0,
+                          lr_adapter=0.0, warmup=0, init_from=str(tmp_path / "full" / "ckpt.safetensors")))
+    w3, _ = ckpt_weights(tmp_path / "stage3")
+    assert all(torch.equal(w3[f"vision.{k}"], v) for k, v in vis.items())
+
+
 def test_pooled_head():
     """adapter.PooledHead: attn starts as the mean (zero scores) and then weighs tokens; the mask drops
     tokens (an all-masked prompt uses them all); it equals the reference written apart; bad kinds refused."""

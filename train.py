@@ -47,7 +47,8 @@ DEFAULTS = dict(
     method="lavi", lm="t5-large", vision="sd14", adapter="text", adapter_mid=0, adapter_dropout=0.1,
     lora_rank=32, lora_lm=True, lora_vision=True, lora_dropout=0.1, max_length=0,
     data="shapes", size=512, flip=True, latent_cache="", num_workers=2, buckets=False, bucket_step=64,
-    pooled="attn", loss_pooled=1.0, queries=0, adapter_layers=0, adapter_width=0,
+    pooled="attn", loss_pooled=1.0, queries=0, adapter_layers=0, adapter_width=0, train_vision="lora",
+    input_perturbation=0.0, lr_schedule="constant",
     steps=1000, epochs=0, batch_size=1, grad_accum=1, lr_vision=1e-4, lr_lm=5e-6, lr_adapter=1e-4,
     optimizer="adamw", weight_decay=1e-2, warmup=0, lr_decay=1.0, lr_decay_every=1, grad_clip=1.0,
     caption_dropout=0.0, ema=0.0, shuffle="epoch", drop_last=False,
@@ -159,11 +160,11 @@ FLOAT_RANGES = dict(lr_vision=(0, None), lr_lm=(0, None), lr_adapter=(0, None), 
                     grad_clip=(0, None), loss_align=(0, None), loss_rec=(0, None), loss_adv=(0, None),
                     adv_lambda=(0, None), src_div=(1e-12, None), ema=(0, 0.9999), adapter_dropout=(0, 0.99),
                     lora_dropout=(0, 0.99), caption_dropout=(0, 1), lr_decay=(1e-12, 1),
-                    audio_window=(0.02, 30), loss_pooled=(0, None))
+                    audio_window=(0.02, 30), loss_pooled=(0, None), input_perturbation=(0, 1))
 # what a resumed run must share with its checkpoint (else --resume force)
 SAME_ON_RESUME = ("method", "lm", "vision", "adapter", "adapter_mid", "lora_rank", "lora_lm", "lora_vision",
                   "max_length", "glue_depth", "glue_mult", "native", "audio_window", "audio_pool",
-                  "audio_stretch", "pooled", "queries", "adapter_layers", "adapter_width")
+                  "audio_stretch", "pooled", "queries", "adapter_layers", "adapter_width", "train_vision")
 
 
 def check_args(args):
@@ -296,6 +297,15 @@ def get_parser():
     p.add_argument("--lora-rank", type=int, help="LoRA rank (0: no LoRA)")
     p.add_argument("--lora-lm", type=b, help="LoRA in the language model (true/false)")
     p.add_argument("--lora-vision", type=b, help="LoRA in the vision model (true/false)")
+    p.add_argument("--train-vision", choices=["lora", "full", "none"],
+                   help="the vision model: LoRA (--lora-vision, the release), every weight (the staged "
+                        "recipe's stages 2 and 3; with --ema its EMA), or frozen")
+    p.add_argument("--input-perturbation", type=float,
+                   help="noise the input with noise + p x fresh noise, the target staying the noise "
+                        "(the staged recipe: 0.1)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                   help="after the warm-up: constant (the release), or cosine to 0 at --steps (the staged "
+                        "recipe)")
     p.add_argument("--lora-dropout", type=float, help="dropout on the LoRA branch")
     p.add_argument("--max-length", type=int, help="text tokens (0: the recipe's)")
     # data
@@ -441,6 +451,8 @@ def bridge_config(args, native=None):
         if adapter == "none":
             raise BadInput("--adapter none has nothing to train")
         cfg = replace(cfg, adapter=adapter, lora_rank=0, max_length=args.max_length or native.token_count)
+    if args.train_vision != "lora":  # full: every vision weight trains, no LoRA in it; none: frozen
+        cfg = replace(cfg, lora_vision=False)
     return cfg
 
 
@@ -454,6 +466,9 @@ def build(args, env, native=None):
     if whole:
         bridge.denoiser.requires_grad_(True)
         bridge.text.requires_grad_(True)
+    if args.train_vision == "full" and not whole and args.method not in TEXT_ONLY:
+        bridge.full_vision = True  # its checkpoints, EMA and optimizer hold every vision weight
+        bridge.denoiser.requires_grad_(True)
     lm = {id(p) for p in bridge.text.parameters()}
     lm_dtype = DTYPES[args.lm_dtype] if args.lm_dtype else env.ptdtype
     for p in bridge.parameters():
@@ -473,7 +488,9 @@ def param_groups(bridge, args):
         groups = [("vision", list(bridge.denoiser.parameters()), args.lr_vision),
                   ("text", list(bridge.text.parameters()), args.lr_adapter)]
     else:
-        groups = [("vision", lora_parameters(bridge.denoiser), args.lr_vision),
+        vision = (list(bridge.denoiser.parameters()) if bridge.full_vision else
+                  lora_parameters(bridge.denoiser))
+        groups = [("vision", vision, args.lr_vision),
                   ("lm", lora_parameters(bridge.text.model), args.lr_lm),
                   ("adapter", [p for m in (bridge.adapter, bridge.pooled) if m is not None
                                for p in m.parameters()], args.lr_adapter)]
@@ -523,9 +540,13 @@ def say(env, msg):
 # the steps: what each method computes from its data. step(step, micro) -> (loss, {name: loss term})
 
 
-def lr_at(step, base_lr, warmup, decay=1.0, epoch=0, every=1):
-    """Linear warm-up then constant, times decay every `every` epochs (StepLR)."""
+def lr_at(step, base_lr, warmup, decay=1.0, epoch=0, every=1, schedule="constant", steps=0):
+    """Linear warm-up then constant, times decay every `every` epochs (StepLR); schedule "cosine": after the
+    warm-up 0.5 (1 + cos(pi p)), p the fraction of the steps after it done (diffusers'
+    get_cosine_schedule_with_warmup, half a cycle), 0 at the last."""
     lr = base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
+    if schedule == "cosine" and step >= warmup:
+        lr *= 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
     return lr * decay ** (epoch // every)
 
 
@@ -567,7 +588,11 @@ def image_text_step(args, env, bridge, model, batches):
             noise = torch.stack([d[2](shape) for d in draws]).to(env.device, env.wdtype)  # diffusion noise
             mean, std = post[0].to(env.device, env.wdtype), post[1].to(env.device, env.wdtype)
             latents = (mean + std * eps) * bridge.vae.cfg.scaling_factor
-        kw = {}
+            if args.input_perturbation:  # the staged recipe: the input's noise perturbed, not the target's
+                kw = {"perturb": args.input_perturbation *
+                      torch.stack([d[2](shape) for d in draws]).to(env.device, env.wdtype)}
+            else:
+                kw = {}
         if bridge.sdxl:  # its micro-conditions: each image's original size and crop, the target size
             if cond is None:
                 raise BadInput("SDXL trains on each image's recorded size and crop: this latent cache was "
@@ -768,7 +793,7 @@ def train_loop(args, env, raw, model, optimizer, step_fn, start, ema, log, save,
     for step in pbar:
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, g["base_lr"], args.warmup, args.lr_decay, epoch_at(step, args),
-                            args.lr_decay_every)
+                            args.lr_decay_every, args.lr_schedule, args.steps)
         # dropout masks: a function of the step (and rank), so that a resumed run equals a straight one
         torch.manual_seed(args.seed + 7919 * (step * env.world + env.rank))
         micro_losses = []
