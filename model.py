@@ -878,7 +878,7 @@ class Bridge(nn.Module):
 
 
 def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dtype=None, adapter=None,
-                 source=None):
+                 source=None, recipe=None):
     """Load the frozen text encoder and vision model, add the adapter and LoRA as cfg says. cfg.lm "native" is
     the vision model's own text encoder (CLIP for SD, T5 for PixArt, LDMBert for LDM, the word encoder of
     the shapes world). pretrained=False: the shapes base model freshly initialised (method base).
@@ -886,7 +886,8 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dty
     the release's sampling recipe: where it ran the LM in fp16 (Llama-2), in fp16 on CUDA, and elsewhere in
     `dtype` on weights rounded through fp16; any other LM in `dtype`. adapter: a module already built (a
     released GlueNet) in place of cfg.adapter's fresh one; source: a source module in place of cfg.lm's
-    (one that hears, as a speech encoder: its negative prompt goes through the native encoder)."""
+    (one that hears, as a speech encoder: its negative prompt goes through the native encoder); recipe: the
+    LM's TextRecipe in place of its family's (a release's own, e.g. ELLA's)."""
     denoiser, vae, sched, kind = load_vision(cfg.vision, dtype, device, pretrained)
     speech = source is not None or is_audio(cfg.lm)
     if source is not None:
@@ -897,7 +898,7 @@ def build_bridge(cfg, dtype=torch.float32, device="cpu", pretrained=True, lm_dty
         text = AudioEncoder.load(cfg.lm, window=cfg.audio_window, dtype=dtype, device=device,
                                  pool=cfg.audio_pool, stretch=cfg.audio_stretch)
     else:
-        recipe = recipe_for(cfg.lm, kind)
+        recipe = recipe or recipe_for(cfg.lm, kind)
         if cfg.max_length:
             recipe = replace(recipe, max_length=cfg.max_length)
         if lm_dtype is None and recipe.round_weights_fp16 and torch.device(device).type == "cuda":
@@ -1203,6 +1204,8 @@ def load_bridge(path, dtype=torch.float32, device="cpu", use_ema=True, merge=Fal
     repeat it), which then samples with the release's recipe (bridge.sampling). merge=True folds the LoRA into
     the plain layers (sampling); else the LoRA wrappers stay, unmerged."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if is_ella_release(path):
+        return load_ella(path, dtype=dtype, device=device, lm_dtype=lm_dtype, **overrides)
     if is_gluegen_release(path):
         return load_gluegen(path, dtype=dtype, device=device, lm_dtype=lm_dtype, **overrides)
     if os.path.isdir(path):
@@ -1223,6 +1226,60 @@ def load_bridge(path, dtype=torch.float32, device="cpu", use_ema=True, merge=Fal
         load_trainable(bridge, ema if ema and use_ema else plain)
     if merge:
         bridge.merge_lora(unwrap=True)
+    return bridge.eval()
+
+
+# ELLA's released SD 1.5 connector (TencentQQGYLab/ELLA inference.py, fixed mode): flan-t5-xl on 128 padded
+# tokens with the mask to T5 but not to the connector, T5 in fp16 (its README: it must be); DPM-Solver++ from
+# the SD 1.5 scheduler file, 50 steps, CFG 12
+ELLA_T5 = TextRecipe(128, mask_to_lm=True, round_weights_fp16=True)
+ELLA_SAMPLING = Sampling("dpmsolver", 50, 12.0)
+
+
+def is_ella_release(path):
+    """ELLA's released connector: a safetensors file of its names (connector.latents, time_embedding.*)."""
+    if not (os.path.isfile(path) and path.endswith(".safetensors")):
+        return False
+    names = set(tensor_names(path, "ELLA connector"))
+    return "connector.latents" in names and "time_embedding.linear_1.weight" in names
+
+
+def tsc_from_ella(path):
+    """A TSC of an ELLA file's sizes (from its shapes; 8 heads, ELLA's, are not in them), its tensors loaded
+    strictly, attending to every token as ELLA's fixed mode does."""
+    sd = read_safetensors(path, "ELLA connector")[0]
+    check_finite(sd, path)
+    try:
+        lat, t1 = sd["connector.latents"], sd["time_embedding.linear_1.weight"]
+        blocks = [int(k.split(".")[2]) for k in sd if k.startswith("connector.perceiver_blocks.")]
+        proj_out = sd.get("connector.proj_out.0.weight")
+        cfg = TSCConfig(in_dim=sd["connector.proj_in.weight"].shape[1], width=lat.shape[1],
+                        layers=1 + max(blocks), heads=8, latents=lat.shape[0], time_channel=t1.shape[1],
+                        time_dim=t1.shape[0], out_dim=0 if proj_out is None else proj_out.shape[0],
+                        masked=False)
+    except (KeyError, ValueError, IndexError) as e:
+        raise BadInput(f"{path}: not a complete ELLA connector (lacks {e})") from None
+    with torch.device("meta"):
+        tsc = TSC(cfg)
+    return load_strict(tsc, sd, f"ELLA connector {path}")
+
+
+def load_ella(path, lm="google/flan-t5-xl", vision="sd15", dtype=torch.float32, device="cpu", lm_dtype=None,
+              **unused):
+    """ELLA's released connector (ella-sd1.5-tsc-t5xl.safetensors) between flan-t5-xl and SD 1.5, sampling
+    as its inference script does (ELLA_T5, ELLA_SAMPLING; the negative prompt through T5 and the connector at
+    every step); the widths are checked against both models."""
+    if unused.get("lora_rank"):
+        raise BadInput("an ELLA release has no LoRA: leave --lora-rank out")
+    tsc = tsc_from_ella(path)
+    cfg = BridgeConfig(lm=lm or "google/flan-t5-xl", vision=vision or "sd15", adapter="tsc", lora_rank=0)
+    bridge = build_bridge(cfg, dtype, device, lm_dtype=lm_dtype, adapter=tsc.to(device, dtype),
+                          recipe=ELLA_T5)
+    out = tsc.cfg.out_dim or tsc.cfg.width
+    if (bridge.text.width, bridge.context_width) != (tsc.cfg.in_dim, out):
+        raise BadInput(f"{path} maps width {tsc.cfg.in_dim} to {out}; {cfg.lm} gives {bridge.text.width} and "
+                       f"{cfg.vision} takes {bridge.context_width}")
+    bridge.sampling = ELLA_SAMPLING
     return bridge.eval()
 
 

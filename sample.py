@@ -8,6 +8,7 @@ python sample.py            # the shapes world: out/shapes/ckpt.safetensors -> o
 python sample.py --eval     # ... and its attribute accuracy on held-out captions
 python sample.py --bridge lavi/t5_unet --lm t5-large --vision sd14 --prompt "a cat on a sofa" --out cat.png
 python sample.py --bridge native --vision sdxl --prompt "a cat on a sofa"   # a vision model's own encoder
+python sample.py --bridge ella-sd1.5-tsc-t5xl.safetensors --prompt "a cat on a sofa"  # ELLA: flan-t5-xl, sd15
 python sample.py --bridge out/shapes-sound/ckpt.safetensors --audio said.wav            # speech to image
 python sample.py --bridge out/shapes-sound/ckpt.safetensors --audio said.wav --prompt red  # speech + text
 """
@@ -22,7 +23,8 @@ import shapes
 from adapter import GlueNet
 from audio import read_wav
 from model import (DTYPES, AudioCLIPEmbedding, check_release_files, checkpoint_config, device_and_dtype,
-                   is_audio, is_gluegen_release, is_shapes, lm_signature, load_bridge, native_bridge,
+                   is_audio, is_ella_release, is_gluegen_release, is_shapes, lm_signature, load_bridge,
+                   native_bridge,
                    vision_signature)
 from model_io import BadInput, MissingInput, run_cli, writable
 from schedulers import SCHEDULERS
@@ -33,8 +35,8 @@ def get_parser():
     # what to load
     p.add_argument("--bridge", default="out/shapes/ckpt.safetensors",
                    help="a train.py checkpoint (.safetensors), a LaVi-Bridge release folder (adapter/, "
-                        "lora_vis.pt, lora_text.pt), a GlueGen release (.ckpt), or native: the --vision "
-                        "model with its own text encoder (the baseline)")
+                        "lora_vis.pt, lora_text.pt), a GlueGen release (.ckpt), ELLA's connector "
+                        "(.safetensors), or native: the --vision model with its own text encoder")
     p.add_argument("--lm", default=None,
                    help="language model (a release folder needs it; overrides a checkpoint's)")
     p.add_argument("--vision", default=None,
@@ -132,6 +134,10 @@ def check_args(args):
             raise BadInput("a release folder does not say which models it bridges: pass --lm and --vision")
         check_release_files(args.bridge)
         vision = args.vision
+    elif is_ella_release(args.bridge):  # its connector's widths are checked against the models when loaded
+        if args.audio:
+            raise BadInput(f"{args.bridge} is ELLA's connector: it reads text, not --audio")
+        vision = args.vision or "sd15"
     elif is_gluegen_release(args.bridge):
         c = GlueNet.from_gluegen(args.bridge).cfg  # its keys and sizes, before any model loads
         args.speech = bool(c.in_tokens)  # the sound GlueNet: AudioCLIP embeddings as --audio
@@ -212,7 +218,7 @@ def main(args):
     world = is_shapes(bridge.cfg.vision)
     bridge.sampling = r = bridge.sampling.but(args.scheduler, args.steps, args.guidance, args.prompt_suffix)
     how = "".join(f" ({k} {v})" for k, v in r.scheduler_overrides)
-    release = os.path.isdir(args.bridge) or is_gluegen_release(args.bridge)
+    release = os.path.isdir(args.bridge) or is_gluegen_release(args.bridge) or is_ella_release(args.bridge)
     whose = "the release's recipe, flags override it" if release else "flags override it"
     print(f"sampling: {r.scheduler}{how}, {r.steps} steps, CFG {r.guidance:g}, prompt suffix "
           f"{r.prompt_suffix!r} ({whose})")

@@ -4331,6 +4331,51 @@ class RefELLA(nn.Module):
         return lat
 
 
+def test_ella_release_samples_as_ella(world, tmp_path, capsys):
+    """ELLA's released connector layout (the state dict of ELLA written from its architecture; tiny, random)
+    through sample.py with --lm and --vision: T5 in fp16 weights on 128 padded tokens with the mask to T5,
+    the connector at every step for both halves of the CFG batch attending to every token (fixed mode),
+    DPM-Solver++ from the pipeline's scheduler file, 50 steps, CFG 12: the PNG of a reference written from
+    ELLA's inference steps (PSNR >= 40 dB); a connector that does not fit the models is refused."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, T5EncoderModel
+    gen = torch.Generator().manual_seed(3)
+    ref = RefELLA(width=24, layers=2, heads=8, latents=8, in_dim=32, t_dim=24).eval()
+    _randomise(ref, gen, 0.1)
+    path = str(tmp_path / "ella-sd1.5-tsc-t5xl.safetensors")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
+    t5 = T5EncoderModel.from_pretrained(world["t5"], dtype=torch.float16).float().eval()  # ELLA: fp16 T5
+    tok = AutoTokenizer.from_pretrained(world["t5"])
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(world["sd"], "unet")).eval()
+    vae = AutoencoderKL.from_pretrained(os.path.join(world["sd"], "vae")).eval()
+    with open(os.path.join(world["sd"], "scheduler", "scheduler_config.json")) as f:
+        sched = DPMSolverMultistepScheduler.from_config(json.load(f))
+    with torch.no_grad():
+        enc = tok(["", PROMPT], padding="max_length", max_length=128, truncation=True, return_tensors="pt")
+        h = t5(enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state  # (2, 128, 32)
+        sched.set_timesteps(50)
+        s = unet.config.sample_size
+        x = torch.randn((1, 4, s, s), generator=torch.Generator("cpu").manual_seed(5)) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            ctx = ref(h, t.expand(2))  # [uncond, cond] at this step's t
+            inp = sched.scale_model_input(torch.cat([x, x]), t)
+            u, c = unet(inp, t, encoder_hidden_states=ctx).sample.chunk(2)
+            x = sched.step(u + 12.0 * (c - u), t, x).prev_sample
+        img = (vae.decode(x / 0.18215).sample / 2 + 0.5).clamp(0, 1)[0]
+    want = (img.permute(1, 2, 0) * 255).to(torch.uint8).numpy()
+    out = str(tmp_path / "x.png")
+    run_sample("--bridge", path, "--lm", world["t5"], "--vision", world["sd"], "--prompt", PROMPT, "--seed", "5",
+               "--out", out)
+    assert "sampling: dpmsolver, 50 steps, CFG 12" in capsys.readouterr().out
+    ours = np.asarray(Image.open(out))
+    p = psnr(ours, want)
+    print(f"\nELLA's connector through sample.py vs ELLA's inference steps: PSNR {p:.1f} dB")
+    assert p >= 40 and want.std() > 5
+    with pytest.raises(model.BadInput, match="maps width 32 to 24.* takes 48"):
+        model.load_bridge(path, lm=world["t5"], vision=world["pixart"])
+
+
 def test_query_adapters():
     """OmniDiffusion's resampler and ELLA's TSC: the resampler's transformer equals torch's nn.Transformer
     (batch-first, pre-norm, dropout 0) on the same state dict, with padding masks; the output does not
