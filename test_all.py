@@ -4356,7 +4356,8 @@ def test_ella_release_samples_as_ella(world, tmp_path, capsys):
         h = t5(enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state  # (2, 128, 32)
         sched.set_timesteps(50)
         s = unet.config.sample_size
-        x = torch.randn((1, 4, s, s), generator=torch.Generator("cpu").manual_seed(5)) * sched.init_noise_sigma
+        x = torch.randn((1, 4, s, s), generator=torch.Generator("cpu").manual_seed(5))
+        x = x * sched.init_noise_sigma
         for t in sched.timesteps:
             ctx = ref(h, t.expand(2))  # [uncond, cond] at this step's t
             inp = sched.scale_model_input(torch.cat([x, x]), t)
@@ -4365,8 +4366,8 @@ def test_ella_release_samples_as_ella(world, tmp_path, capsys):
         img = (vae.decode(x / 0.18215).sample / 2 + 0.5).clamp(0, 1)[0]
     want = (img.permute(1, 2, 0) * 255).to(torch.uint8).numpy()
     out = str(tmp_path / "x.png")
-    run_sample("--bridge", path, "--lm", world["t5"], "--vision", world["sd"], "--prompt", PROMPT, "--seed", "5",
-               "--out", out)
+    run_sample("--bridge", path, "--lm", world["t5"], "--vision", world["sd"], "--prompt", PROMPT,
+               "--seed", "5", "--out", out)
     assert "sampling: dpmsolver, 50 steps, CFG 12" in capsys.readouterr().out
     ours = np.asarray(Image.open(out))
     p = psnr(ours, want)
