@@ -1149,19 +1149,26 @@ def export_release(bridge, folder):
         save_safetensors(bridge.pooled.state_dict(), os.path.join(folder, POOLED_FILE))
 
 
-def save_checkpoint(path, bridge, step, train_args=None, optimizer=None, extra=None, whole=False, log=None):
+def save_checkpoint(path, bridge, step, train_args=None, optimizer=None, extra=None, whole=False, log=None,
+                    gather=None, write=True):
     """{trainable weights, optimizer state, config, step} in one safetensors file, written atomically.
     extra: more tensors to keep (train.py's EMA weights, as ema.<name>); log: train.py's [(step, loss,
-    grad norm)] so far."""
-    tensors = trainable_state_dict(bridge, whole)
+    grad norm)] so far. gather: each tensor (weights, optimizer state) through it first (train.py --fsdp:
+    the whole tensor of a shard, a collective every rank runs); write=False: gather only (the other ranks)."""
+    g = gather or (lambda t: t)
+    tensors = {k: g(v).float() for k, v in trainable_tensors(bridge, whole).items()}
     tensors.update(extra or {})
     meta = {"bridge": json.dumps(asdict(bridge.cfg)), "step": str(step),
             "train_args": json.dumps(train_args or {}), "log": json.dumps(log or [])}
     if optimizer is not None:
-        opt, groups = optimizer_tensors(optimizer.state_dict())
+        state = optimizer.state_dict()
+        state = {**state, "state": {i: {k: g(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                                    for i, s in state["state"].items()}}
+        opt, groups = optimizer_tensors(state)
         tensors.update(opt)
         meta["optim_groups"] = json.dumps(groups)
-    save_safetensors(tensors, path, meta)
+    if write:
+        save_safetensors(tensors, path, meta)
 
 
 def read_checkpoint(path):

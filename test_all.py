@@ -4751,6 +4751,40 @@ def test_torchrun_two_ranks_equal_single_process(shapes_base, tmp_path):
     logs_agree(model.read_log(str(ddp_out / "ckpt.safetensors")), one.log, 1e-12)
 
 
+@pytest.mark.slow
+def test_fsdp_equals_ddp_and_resumes(shapes_base, tmp_path, capsys):
+    """--fsdp (FSDP2, 2 gloo ranks) against DDP with the same global batch, the whole U-Net fine-tuned with
+    EMA, fp64: weights, EMA, AdamW state and the log agree to 1e-10 (the shards gathered into one file);
+    2 sharded steps and a resume from that file for 1 more equal 3 straight to 1e-6 (the file holds fp32
+    weights, as every checkpoint). Each rank's peak RSS is printed (the shards hold half the weights,
+    gradients and AdamW state)."""
+    def run(out, *extra):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                            f"--master_port={free_port()}", "train.py",
+                            *cli(shapes_base, out, "--batch-size", "2", "--dtype", "fp64", "--train-vision",
+                                 "full", "--ema", "0.9", *extra)],
+                           cwd=HERE, env=ENV, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return [ln for ln in r.stdout.splitlines() if "peak RSS" in ln]
+    rss = {"DDP": run(tmp_path / "ddp", "--steps", "3"), "FSDP": run(tmp_path / "fsdp", "--steps", "3",
+                                                                     "--fsdp", "true")}
+    run(tmp_path / "resumed", "--steps", "2", "--fsdp", "true")
+    run(tmp_path / "resumed", "--steps", "3", "--fsdp", "true", "--resume", "true")
+    (a, oa, *_), (b, ob, *_), (c, oc, *_) = (model.read_checkpoint(str(tmp_path / n / "ckpt.safetensors"))
+                                             for n in ("ddp", "fsdp", "resumed"))
+    assert a.keys() == b.keys() == c.keys() and any(k.startswith("ema.vision.") for k in a)
+    assert rel_err(b, a) <= 1e-10 and rel_err(c, b) <= 1e-6
+    for o, tol in ((ob, 1e-10), (oc, 1e-6)):
+        assert o["state"].keys() == oa["state"].keys()
+        assert max(rel_err({0: o["state"][i][k]}, {0: v}) for i, s in oa["state"].items()
+                   for k, v in s.items() if torch.is_tensor(v) and v.dim()) <= tol
+    logs = [model.read_log(str(tmp_path / n / "ckpt.safetensors")) for n in ("ddp", "fsdp", "resumed")]
+    logs_agree(logs[1], logs[0], 1e-10)
+    logs_agree(logs[2], logs[1], 1e-6)
+    with capsys.disabled():
+        print("\n" + "\n".join(f"{k}: {', '.join(v)}" for k, v in rss.items()))
+
+
 def test_resume_equals_straight_run(shapes_base, tmp_path):
     """4 steps, or 2 steps and a resume for 2 more: the same losses, gradient norms and weights."""
     straight = train.main(small_args(shapes_base, tmp_path / "straight", steps=4, log_every=1))
@@ -5192,6 +5226,7 @@ TRAIN_CASES = {
                            "--max-length 0 in the checkpoint, 12 now"),
     "lock held": (["--out", "{locked}"], "holds {locked}/.lock"),
     "buckets on shapes": (["--buckets", "true"], "--buckets sorts real images by aspect ratio"),
+    "fsdp without torchrun": (["--fsdp", "true"], "--fsdp shards across the processes of torchrun"),
     "bucket step": (["--data", "{tmp}/none.tsv", "--buckets", "true", "--bucket-step", "24"],
                     "must be a multiple of --bucket-step 24"),
 }

@@ -53,6 +53,7 @@ DEFAULTS = dict(
     optimizer="adamw", weight_decay=1e-2, warmup=0, lr_decay=1.0, lr_decay_every=1, grad_clip=1.0,
     caption_dropout=0.0, ema=0.0, shuffle="epoch", drop_last=False,
     dtype="fp32", lm_dtype="", compile=False, grad_checkpointing=False, cpu_layout=False, device="", seed=0,
+    fsdp=False,
     out="out/bridge", resume=False, overwrite=False, init_from="", export_release="", log_every=10,
     save_every=500, sample_every=0, sample_prompts="a photo of a cat|a red car in the snow", eval=False,
     eval_n=48,
@@ -355,6 +356,8 @@ def get_parser():
                         "fp32)")
     p.add_argument("--compile", type=b, help="torch.compile the bridge")
     p.add_argument("--grad-checkpointing", type=b, help="recompute vision activations in backward")
+    p.add_argument("--fsdp", type=b, help="torchrun: shard the vision model, the adapter and their optimizer "
+                                          "state across ranks (FSDP2) instead of replicating them (DDP)")
     p.add_argument("--cpu-layout", type=b,
                    help="CPU: channels-last activations, frozen conv weights laid out once for oneDNN "
                         "(faster; the big ones take up to twice their memory again: off by default)")
@@ -501,18 +504,17 @@ def param_groups(bridge, args):
 # restore: resume, init-from, EMA
 
 
-def restore(args, env, bridge, optimizer):
+def restore(args, env, bridge):
     """Resume from OUT/ckpt.safetensors (weights, optimizer, EMA, log), or initialise the trainable weights
-    from --init-from (across methods: e.g. an align adapter into a lavi run); then the EMA copy.
-    Returns (start step, EMA tensors or None, log so far, whether anything was loaded)."""
+    from --init-from (across methods: e.g. an align adapter into a lavi run). The weights load here, into
+    the whole (not yet sharded) bridge. Returns (start step, the checkpoint's tensors (its EMA), its
+    optimizer state or None, log so far, whether anything was loaded)."""
     whole = args.method == "base"
     ckpt = os.path.join(args.out, "ckpt.safetensors")
-    start, log, weights, loaded = 0, [], {}, False
+    start, log, weights, loaded, opt_state = 0, [], {}, False, None
     if args.resume and os.path.isfile(ckpt):
         weights, opt_state, _, start, _ = read_checkpoint(ckpt)
         load_trainable(bridge, {k: v for k, v in weights.items() if not k.startswith("ema.")})
-        if opt_state is not None:
-            optimizer.load_state_dict(opt_state)
         log, loaded = read_log(ckpt), True
         say(env, f"resumed from {ckpt} at step {start}")
     elif args.init_from:
@@ -524,11 +526,74 @@ def restore(args, env, bridge, optimizer):
             parts = init_trainable(bridge, w)
         loaded = bool(parts)
         say(env, f"initialised {', '.join(parts) or 'nothing'} from {args.init_from} (step {step0})")
-    ema = None
-    if args.ema > 0:
-        ema = {k: weights.get(f"ema.{k}", v).to(v.device, v.dtype).clone()
-               for k, v in trainable_tensors(bridge, whole).items()}
-    return start, ema, log, loaded
+    return start, weights, opt_state, log, loaded
+
+
+def make_ema(args, bridge, weights):
+    """The EMA copy of the trainable tensors (the checkpoint's where it has one), each laid out as its
+    tensor (a shard of it under --fsdp), or None without --ema."""
+    if args.ema <= 0:
+        return None
+    return {k: like(weights.get(f"ema.{k}", v), v).clone()
+            for k, v in trainable_tensors(bridge, args.method == "base").items()}
+
+
+# -----------------------------------------------------------------------------
+# FSDP: the vision model and the adapter sharded across ranks, the frozen LM replicated
+
+
+def is_dtensor(t):
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def like(full, ref):
+    """A whole tensor (every rank holds it, read from one checkpoint file) laid out as ref: ref's device and
+    dtype, and sharded as ref is when ref is a DTensor (--fsdp)."""
+    full = full.to(ref.device, ref.dtype)
+    if not is_dtensor(ref):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(full, ref.device_mesh, ref.placements)
+
+
+def gather(t):
+    """The whole tensor of a shard (a collective: every rank calls it in the same order), else t."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def shard(args, env, bridge):
+    """fully_shard (FSDP2) each block of the vision model, then the rest of it, the adapter and the pooled
+    head: every parameter in them (trainable or frozen) and its gradient and AdamW state live as 1/world
+    shards, gathered for each block's forward and backward. The frozen LM stays whole on every rank: it runs
+    once a step without gradients, and sharding it would gather its weights every step to save memory only
+    where it does not fit one GPU (Llama-2-7B bf16 is 13.5 GB). bf16 on CUDA: the mixed-precision policy
+    computes in bf16 and reduces gradients in fp32. Returns the sharded modules."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    kw = {}
+    if env.device.type == "cuda" and args.dtype == "bf16":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    d = bridge.denoiser
+    blocks = ([*d.down_blocks, d.mid_block, *d.up_blocks] if bridge.kind == "unet" else
+              list(d.transformer_blocks))
+    units = []
+    for m in [*blocks, d, bridge.adapter, bridge.pooled]:
+        if m is not None and any(True for _ in m.parameters()):
+            fully_shard(m, **kw)
+            units.append(m)
+    return units
+
+
+def shard_optimizer_state(state, optimizer):
+    """A whole optimizer state dict (from one checkpoint file) laid out as the optimizer's parameters: each
+    parameter-shaped state tensor sharded as its parameter."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    out = {"param_groups": state["param_groups"], "state": {}}
+    for i, s in state["state"].items():
+        p = params[int(i)]
+        out["state"][i] = {k: like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v
+                           for k, v in s.items()}
+    return out
 
 
 def say(env, msg):
@@ -781,7 +846,9 @@ def train_loop(args, env, raw, model, optimizer, step_fn, start, ema, log, save,
     (step, mean loss, mean gradient norm) and, at save_every, a checkpoint. A signal caught in stop (see
     caught_signals) saves and stops. Returns the log."""
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    live = list(trainable_tensors(raw, args.method == "base").values()) if ema is not None else []
+    local = lambda ts: [t.to_local() if is_dtensor(t) else t for t in ts]  # noqa: E731 (shards in place)
+    live = local(trainable_tensors(raw, args.method == "base").values()) if ema is not None else []
+    ema_local = local(ema.values()) if ema is not None else []
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.dtype == "fp16")
     ckpt = os.path.join(args.out, "ckpt.safetensors")
     raw.train()  # dropout on, as the release trains (LoRA dropout, the LM's own dropout)
@@ -799,20 +866,23 @@ def train_loop(args, env, raw, model, optimizer, step_fn, start, ema, log, save,
         micro_losses = []
         for micro in range(args.grad_accum):
             last = micro == args.grad_accum - 1
-            with nullcontext() if not env.ddp or last else model.no_sync():
+            for unit in env.units:  # FSDP: reduce-scatter the gradients on the last micro-step only
+                unit.set_requires_gradient_sync(last)
+            with nullcontext() if not env.ddp or last or args.fsdp else model.no_sync():
                 loss, parts = step_fn(step, micro)
                 scaler.scale(loss / args.grad_accum).backward()
             micro_losses.append(torch.stack([loss.detach(), *(v.detach() for v in parts.values())]))
             names = list(parts)
         scaler.unscale_(optimizer)
         gnorm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else math.inf)
+        gnorm = gather(gnorm)  # FSDP: the norm over every rank's shards
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             with torch.no_grad():
                 decay = min(args.ema, (2 + step) / (11 + step))  # warm-up: the random init fades out fast
-                torch._foreach_lerp_(list(ema.values()), live, 1 - decay)
+                torch._foreach_lerp_(ema_local, live, 1 - decay)
         pending.append(torch.cat([torch.stack(micro_losses).mean(0), gnorm.reshape(1).to(micro_losses[0])]))
         seen += args.batch_size * args.grad_accum * env.world
         done = step + 1
@@ -911,6 +981,14 @@ def main(args):
     text_only = args.method in TEXT_ONLY
     if text_only and int(os.environ.get("RANK", -1)) != -1:
         raise BadInput(f"--method {args.method} trains on one process (it is cheap: no vision model runs)")
+    if args.fsdp:
+        if int(os.environ.get("RANK", -1)) == -1:
+            raise BadInput("--fsdp shards across the processes of torchrun: run it under torchrun")
+        if args.method == "base" or args.lora_rank and args.lora_lm:
+            raise BadInput("--fsdp shards the vision model and the adapter; LoRA in the LM (and method "
+                           "base's word encoder) would stay whole: pass --lora-lm false")
+        if args.cpu_layout:
+            raise BadInput("--fsdp and --cpu-layout: the CPU layout repacks the weights FSDP shards")
     if args.export_release and (args.method not in ("lavi", "align") or args.adapter != "text"):
         raise BadInput("--export-release writes LaVi-Bridge's format: a TextAdapter bridge "
                        "(--adapter text, --method lavi or align)")
@@ -947,22 +1025,26 @@ def train(args, pairs, dataset):
     env = setup(args)
     torch.manual_seed(args.seed)
 
-    # the model, its optimizer, and what it restores from
+    # the model, what it restores from, its optimizer
     native = load_native_encoder(args.native or args.vision, env.ptdtype, env.device) if text_only else None
     raw = build(args, env, native)  # the uncompiled module: saved and sampled
     if text_only:
         check_native(native, raw)
+    start, weights, opt_state, log, loaded = restore(args, env, raw)
+    env.units = shard(args, env, raw) if args.fsdp else []
     groups = param_groups(raw, args)
     opt = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
     optimizer = opt([{k: v for k, v in g.items() if k != "name"} for g in groups], betas=(0.9, 0.999),
                     eps=1e-8, weight_decay=args.weight_decay)
-    start, ema, log, loaded = restore(args, env, raw, optimizer)
+    if opt_state is not None:
+        optimizer.load_state_dict(shard_optimizer_state(opt_state, optimizer) if args.fsdp else opt_state)
+    ema = make_ema(args, raw, weights)
     n_train = sum(p.numel() for g in groups for p in g["params"])
     n_all = sum(p.numel() for p in raw.parameters())
     say(env, f"{args.preset or 'custom'}: lm={args.lm} vision={args.vision} method={args.method} trainable "
              f"{n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M params, {env.world} process(es) on {env.device}")
     model = torch.compile(raw) if args.compile else raw
-    if env.ddp:
+    if env.ddp and not args.fsdp:
         model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
     # the data, and the step of this method
@@ -976,11 +1058,15 @@ def train(args, pairs, dataset):
         step_fn = image_text_step(args, env, raw, model, batches)
 
     def save(step, log):
+        if not env.master and not args.fsdp:
+            return
+        # --fsdp: every rank gathers the shards (collectives, in the same order), rank 0 writes one file
+        extra = {f"ema.{k}": gather(v).float() for k, v in ema.items()} if ema is not None else None
+        save_checkpoint(os.path.join(args.out, "ckpt.safetensors"), raw, step, train_args=vars(args),
+                        optimizer=optimizer, extra=extra, whole=whole, log=log, gather=gather,
+                        write=env.master)
         if not env.master:
             return
-        extra = {f"ema.{k}": v.float() for k, v in ema.items()} if ema is not None else None
-        save_checkpoint(os.path.join(args.out, "ckpt.safetensors"), raw, step, train_args=vars(args),
-                        optimizer=optimizer, extra=extra, whole=whole, log=log)
         if whole:
             path = os.path.join(args.out, "base.safetensors")
             with_weights(raw, ema, whole, lambda: shapes.save_base(path, raw.denoiser, raw.text, step))
@@ -1003,7 +1089,11 @@ def train(args, pairs, dataset):
         print(f"the bridge at step {max(start, args.steps)} written as a release folder to "
               f"{args.export_release}")
     if env.ddp:
-        replicas_agree(env, raw, whole)
+        if not args.fsdp:
+            replicas_agree(env, raw, whole)
+        with open("/proc/self/status") as f:  # this rank's peak RSS (VmHWM), for the DDP / FSDP comparison
+            peak = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+        print(f"rank {env.rank}: peak RSS {peak / 2 ** 30:.3f} GiB ({'FSDP' if args.fsdp else 'DDP'})")
         dist.destroy_process_group()
     return SimpleNamespace(bridge=raw, history=[(s, l) for s, l, _ in log[restored:]], log=log,
                            stopped=stopped)

@@ -256,17 +256,18 @@ class UpBlock(nn.Module):
                                                     temb_ch, groups, eps, dropout) for j in range(n_layers)])
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
 
-    def forward(self, x, skips=None, temb=None, context=None, bias=None):
-        """x (B, C_in, H, W); skips: the U-Net's skip list, popped from the end (None for the VAE)"""
+    def forward(self, x, skips=None, temb=None, context=None, bias=None, size=None):
+        """x (B, C_in, H, W); skips: this block's skips, taken from the end (None for the VAE); size: the
+        upsampler's output size (the next block's skips', odd where the encoder's were; None: 2x). The list
+        is not changed (a wrapper's pre-forward hook, FSDP's, may pass a copy)."""
         for j, resnet in enumerate(self.resnets):
             if skips is not None:
-                x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+                x = torch.cat([x, skips[-1 - j]], dim=1)  # (B, C + C_skip, H, W)
             x = resnet(x, temb)
             if self.attentions is not None:
                 x = self.attentions[j](x, context, bias)
         if self.upsamplers is not None:
-            # upsample to the next skip's size (2x, or the odd size the encoder had)
-            x = self.upsamplers[0](x, skips[-1].shape[-2:] if skips else None)
+            x = self.upsamplers[0](x, size)
         return x
 
 
@@ -504,7 +505,9 @@ class UNet(nn.Module):
             skips += s
         h = self.mid_block(h, temb, context, bias)
         for block in self.up_blocks:
-            h = block(h, skips, temb, context, bias)
+            n = len(block.resnets)
+            mine, skips = skips[-n:], skips[:-n]
+            h = block(h, mine, temb, context, bias, skips[-1].shape[-2:] if skips else None)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
     def text_time(self, text_embeds, time_ids, B):
