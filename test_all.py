@@ -4485,6 +4485,8 @@ def test_staged_recipe_full_vision_ema_perturbation_cosine(words_base, tmp_path,
     lrs = [train.lr_at(s, 1.0, 2, schedule="cosine", steps=10) for s in range(10)]
     want = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
     assert all(abs(a - b) < 1e-12 for a, b in zip(lrs, want)) and lrs[6] == pytest.approx(0.5)
+    lin = [train.lr_at(s, 1.0, 2, schedule="linear", steps=10) for s in range(10)]
+    assert lin == pytest.approx([0.5, 1.0] + [1 - (s - 2) / 8 for s in range(2, 10)])
     # input perturbation, numerically
     b = model.build_bridge(model.BridgeConfig(lm="native", vision=f"shapes:{words_base}", lora_rank=0,
                                               adapter_dropout=0.0)).eval()

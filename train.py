@@ -304,9 +304,9 @@ def get_parser():
     p.add_argument("--input-perturbation", type=float,
                    help="noise the input with noise + p x fresh noise, the target staying the noise "
                         "(the staged recipe: 0.1)")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"],
-                   help="after the warm-up: constant (the release), or cosine to 0 at --steps (the staged "
-                        "recipe)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"],
+                   help="after the warm-up: constant (the release), or cosine (the staged recipe's stages 2 "
+                        "and 3) or linear (its stage 1) to 0 at --steps")
     p.add_argument("--lora-dropout", type=float, help="dropout on the LoRA branch")
     p.add_argument("--max-length", type=int, help="text tokens (0: the recipe's)")
     # data
@@ -608,10 +608,12 @@ def say(env, msg):
 def lr_at(step, base_lr, warmup, decay=1.0, epoch=0, every=1, schedule="constant", steps=0):
     """Linear warm-up then constant, times decay every `every` epochs (StepLR); schedule "cosine": after the
     warm-up 0.5 (1 + cos(pi p)), p the fraction of the steps after it done (diffusers'
-    get_cosine_schedule_with_warmup, half a cycle), 0 at the last."""
+    get_cosine_schedule_with_warmup, half a cycle), 0 at the last; "linear": 1 - p (its
+    get_linear_schedule_with_warmup, the staged recipe's stage 1)."""
     lr = base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
-    if schedule == "cosine" and step >= warmup:
-        lr *= 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    if schedule != "constant" and step >= warmup:
+        p = (step - warmup) / max(1, steps - warmup)
+        lr *= 0.5 * (1 + math.cos(math.pi * p)) if schedule == "cosine" else 1 - p
     return lr * decay ** (epoch // every)
 
 
