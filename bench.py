@@ -404,6 +404,7 @@ def row_compile(env, args, table):
     import torch._dynamo
     from transformers import T5Config, T5EncoderModel
     import dit
+    import encoders
     import model
     torch.manual_seed(0)
 
@@ -417,7 +418,7 @@ def row_compile(env, args, table):
             lm = T5EncoderModel(T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                          num_heads=4))
         # ids are given: no tokenizer
-        text = model.TextEncoder(SimpleNamespace(pad_token="<pad>"), lm, recipe)
+        text = encoders.TextEncoder(SimpleNamespace(pad_token="<pad>"), lm, recipe)
         width = denoiser.cfg.cross_attention_dim if kind == "unet" else denoiser.cfg.caption_channels
         cfg = BridgeConfig(lm="lm", vision=kind, adapter="text", lora_rank=4)
         adapter = TextAdapter(64, 64, width)
@@ -430,9 +431,9 @@ def row_compile(env, args, table):
 
     tiny_dit = dit.DiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=24, caption_channels=32,
                              sample_size=8)
-    cases = {"T5 + U-Net (LaVi-Bridge SD recipe)": lavi(UNet(TINY), "unet", model.T5, 32),
-             "Llama + U-Net (LaVi-Bridge recipe)": lavi(UNet(TINY), "unet", model.LLAMA2, 32, True),
-             "T5 + DiT (PixArt recipe, masks)": lavi(dit.DiT(tiny_dit), "dit", model.PIXART_T5, 8)}
+    cases = {"T5 + U-Net (LaVi-Bridge SD recipe)": lavi(UNet(TINY), "unet", encoders.T5, 32),
+             "Llama + U-Net (LaVi-Bridge recipe)": lavi(UNet(TINY), "unet", encoders.LLAMA2, 32, True),
+             "T5 + DiT (PixArt recipe, masks)": lavi(dit.DiT(tiny_dit), "dit", encoders.PIXART_T5, 8)}
     if os.path.isfile(shapes.BASE):  # the shipped base model and the real MiniLM (tokenized prompts)
         world = model.build_bridge(BridgeConfig(lm="minilm", vision="shapes", lora_rank=8, max_length=16))
         cases = {"shapes: MiniLM + shapes U-Net": (world, None, 16), **cases}

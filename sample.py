@@ -22,9 +22,9 @@ import cpu
 import shapes
 from adapter import GlueNet
 from audio import read_wav
+from encoders import is_audio, lm_signature
 from model import (DTYPES, AudioCLIPEmbedding, check_release_files, checkpoint_config, device_and_dtype,
-                   is_audio, is_ella_release, is_gluegen_release, is_shapes, lm_signature, load_bridge,
-                   native_bridge,
+                   is_ella_release, is_gluegen_release, is_shapes, load_bridge, native_bridge,
                    vision_signature)
 from model_io import BadInput, MissingInput, run_cli, writable
 from schedulers import SCHEDULERS

@@ -589,7 +589,7 @@ class WordEncoderConfig:
 
 class WordEncoder(nn.Module):
     """The base model's native text encoder: word embeddings + a small pre-LN transformer, with the
-    tokenize / forward(ids, mask) / width interface of model.TextEncoder."""
+    tokenize / forward(ids, mask) / width interface of encoders.TextEncoder."""
 
     def __init__(self, cfg):
         super().__init__()

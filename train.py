@@ -34,8 +34,9 @@ import shapes
 from adapter import (GLUEGEN_CLIP_NORMS, GLUEGEN_LOSS_WEIGHTS, TSC, Resampler, alignment_loss,
                      gluegen_targets, gluenet_losses)
 from lora import lora_parameters
+from encoders import is_audio
 from model import (DTYPES, BridgeConfig, build_bridge, device_and_dtype, export_release, fit_tokens,
-                   init_trainable, is_audio, is_shapes, load_native_encoder, load_trainable, native_bridge,
+                   init_trainable, is_shapes, load_native_encoder, load_trainable, native_bridge,
                    read_checkpoint, read_log, save_checkpoint, trainable_tensors)
 from model_io import BadInput, parse_bool, read_safetensors_metadata, run_cli, writable
 from unet import set_grad_checkpointing
