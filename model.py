@@ -345,10 +345,6 @@ class Bridge(nn.Module):
         c = self.denoiser.cfg
         return c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
 
-    def encode_sdxl(self, prompts, t=None):
-        """SDXL's conditions of prompts: context (B, T, 2048), vision mask or None, pooled (B, 1280)."""
-        return self.condition(self.features(prompts), t, pooled=True)
-
     def decode(self, x):
         """Scaled latents -> images in [-1, 1]. SDXL's VAE overflows in fp16: as its pipeline does
         (force_upcast), an fp16 VAE decodes SDXL's latents in fp32 and goes back to fp16 after."""
