@@ -849,7 +849,8 @@ def train_loop(args, env, raw, model, optimizer, step_fn, start, ema, log, save,
     (step, mean loss, mean gradient norm) and, at save_every, a checkpoint. A signal caught in stop (see
     caught_signals) saves and stops. Returns the log."""
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    local = lambda ts: [t.to_local() if is_dtensor(t) else t for t in ts]  # noqa: E731 (shards in place)
+    def local(ts):  # FSDP: each rank's shard, updated in place
+        return [t.to_local() if is_dtensor(t) else t for t in ts]
     live = local(trainable_tensors(raw, args.method == "base").values()) if ema is not None else []
     ema_local = local(ema.values()) if ema is not None else []
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.dtype == "fp16")
