@@ -43,7 +43,7 @@ from model import Bridge, BridgeConfig
 from model_io import load_strict
 from schedulers import DDPM, SD_SCHEDULER
 from shapes import PixelCodec, WordEncoder, WordEncoderConfig
-from unet import UNET_PRESETS, UNet, UNetConfig, set_grad_checkpointing
+from unet import UNET_PRESETS, VAE, VAE_PRESETS, UNet, UNetConfig, set_grad_checkpointing
 
 ROWS = ("unet", "sample", "lora", "merge", "shapes", "compile")
 PROMPT, NEGATIVE = "a small red circle on the left", ""  # "": the CFG null caption, as Bridge.sample defaults
@@ -559,12 +559,12 @@ def memory_parts(lm):
         text = (tr.T5EncoderModel(tr.T5Config(**kw)) if family == "T5" else
                 tr.LlamaForCausalLM(tr.LlamaConfig(**kw))).requires_grad_(False)
         width = text.config.d_model if family == "T5" else text.config.hidden_size
-        n_unet, n_text = count(unet), count(text)
+        n_unet, n_text, n_vae = count(unet), count(text), count(VAE(VAE_PRESETS["sd"]))  # SDXL's VAE = SD's
         inject(unet, LORA_TARGETS["unet"], RANK)
         inject(text, LORA_TARGETS["t5" if family == "T5" else "llama"], RANK)
         adapter = TextAdapter(width, (width + 2048) // 2, 2048)
         pooled = PooledHead(2048, 1280)
-    return {"SDXL U-Net": (n_unet, True), f"{lm}": (n_text, True), "SDXL VAE": (83_653_863, True),
+    return {"SDXL U-Net": (n_unet, True), f"{lm}": (n_text, True), "SDXL VAE": (n_vae, True),
             "LoRA (U-Net, rank 32)": (sum(p.numel() for p in lora_parameters(unet)), False),
             "LoRA (LM, rank 32)": (sum(p.numel() for p in lora_parameters(text)), False),
             "adapter + pooled head": (count(adapter) + count(pooled), False)}

@@ -565,18 +565,25 @@ def test_sharded_component_folder(tmp_path):
         unet.UNet.from_pretrained(str(tmp_path))
 
 
+def inferable_sdxl_config(layers, context, pooled):
+    """A tiny SDXL-like U-Net whose config a single file gives back: SDXL's conventions (heads of 64
+    channels, 256-wide id sinusoids, 32 groups), no attention at the first level, depth per level."""
+    return unet.UNetConfig(sample_size=8, block_out_channels=(64, 128), layers_per_block=layers,
+                           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                           up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 2),
+                           transformer_layers_per_block=(1, 2), cross_attention_dim=context,
+                           use_linear_projection=True, addition_embed_type="text_time",
+                           addition_time_embed_dim=256,
+                           projection_class_embeddings_input_dim=pooled + 6 * 256)
+
+
 def test_sdxl_single_file_layout(tmp_path):
     """SDXL's original single file (model.diffusion_model.* with label_emb, conditioner.embedders.* beside
     it): the hand-renamed keys are what diffusers' convert_ldm_unet_checkpoint reads; our loader infers the
     config (text_time, its 256-wide id sinusoids, depth per level, linear projections) and matches the
     reference <= 1e-5 with the added conditions."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    cfg = unet.UNetConfig(sample_size=8, block_out_channels=(64, 128), layers_per_block=2,
-                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 2),
-                          transformer_layers_per_block=(1, 2), cross_attention_dim=32,
-                          use_linear_projection=True, addition_embed_type="text_time",
-                          addition_time_embed_dim=256, projection_class_embeddings_input_dim=16 + 6 * 256)
+    cfg = inferable_sdxl_config(layers=2, context=32, pooled=16)
     ref = diffusers_unet(cfg)
     u_sd = ref.state_dict()
     single = {"model.diffusion_model." + unet_to_original(k, cfg): v for k, v in u_sd.items()}
@@ -1585,12 +1592,7 @@ def test_sdxl_single_file_whole(tmp_path, monkeypatch):
     from transformers import CLIPTextModelWithProjection
     root = tmp_path / "pipe"
     refs = _sdxl_text(root, widths=(64, 128), heads=(1, 2), acts=("quick_gelu", "gelu"))
-    cfg = unet.UNetConfig(sample_size=8, block_out_channels=(64, 128), layers_per_block=1,
-                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 2),
-                          transformer_layers_per_block=(1, 2), cross_attention_dim=192,
-                          use_linear_projection=True, addition_embed_type="text_time",
-                          addition_time_embed_dim=256, projection_class_embeddings_input_dim=128 + 6 * 256)
+    cfg = inferable_sdxl_config(layers=1, context=192, pooled=128)
     ref_u = diffusers_unet(cfg)
     vae_cfg = unet.VAEConfig(block_out_channels=(32, 64), layers_per_block=1, scaling_factor=0.13025)
     ref_v = diffusers_vae(vae_cfg)
