@@ -1098,6 +1098,10 @@ def train(args, pairs, dataset):
         with open("/proc/self/status") as f:  # this rank's peak RSS (VmHWM), for the DDP / FSDP comparison
             peak = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
         print(f"rank {env.rank}: peak RSS {peak / 2 ** 30:.3f} GiB ({'FSDP' if args.fsdp else 'DDP'})")
+        # every rank past its last collective before any tears the group down: a rank leaving while gloo's
+        # threads still serve another's last message aborts ("terminate called without an active exception")
+        dist.barrier()
+        del model
         dist.destroy_process_group()
     return SimpleNamespace(bridge=raw, history=[(s, l) for s, l, _ in log[restored:]], log=log,
                            stopped=stopped)
